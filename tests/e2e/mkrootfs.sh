@@ -1,0 +1,20 @@
+#!/bin/sh
+# Build a cached Debian root file system for the e2e test bed (systemd as PID 1 in
+# systemd-nspawn). Usage: mkrootfs.sh SUITE DEST. Writes DEST.tmp, then renames, so an
+# interrupted build never leaves a half-made DEST behind.
+set -eu
+suite=$1
+dest=$2
+# Debian's own packages that the worker and the e2e apps run on; the project itself is
+# installed into each booted container from a wheel.
+pkgs=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates
+pkgs=$pkgs,python3,python3-installer,python3-jinja2,python3-systemd
+pkgs=$pkgs,python3-uvicorn,python3-httptools,python3-uvloop,python3-flask,python3-starlette
+rm -rf "$dest.tmp"
+mkdir -p "$(dirname "$dest")"
+debootstrap --variant=minbase --include="$pkgs" "$suite" "$dest.tmp"
+# No getty on the console, a fixed machine id: boots faster and quieter.
+rm -f "$dest.tmp/etc/systemd/system/getty.target.wants/"*
+chroot "$dest.tmp" apt-get clean
+rm -rf "$dest"
+mv "$dest.tmp" "$dest"

@@ -1,0 +1,5 @@
+import sys
+
+from unitgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""unitgen's command line: declares the options, hands the work to the modules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from unitgen import __version__, run
+from unitgen.check import check_app
+from unitgen.cores import usable_cpus
+from unitgen.errors import Die, die
+from unitgen.install import install, uninstall
+from unitgen.render import format_bundle, render_units
+from unitgen.spec import (
+    INTERFACES, AppSpec, default_name, parse_app, parse_cores, parse_env, parse_interface,
+    parse_listen, parse_name, parse_path, parse_user,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:8000"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise Die(message, hint=f"see `{self.prog} --help`", code=2)
+
+
+def spec_from_args(args: argparse.Namespace) -> AppSpec:
+    app = parse_app(args.app)
+    listen = tuple(parse_listen(value) for value in args.listen or [DEFAULT_LISTEN])
+    if len(set(listen)) != len(listen):
+        die("--listen names the same address twice", hint="give each address once")
+    env = tuple(parse_env(value) for value in args.env)
+    return AppSpec(
+        name=parse_name(args.name if args.name is not None else default_name(app)),
+        app=app,
+        instances=parse_cores(args.cores, usable=usable_cpus()),
+        listen=listen,
+        workdir=parse_path("--workdir", args.workdir if args.workdir is not None else os.getcwd()),
+        python=parse_path("--python", args.python if args.python is not None else sys.executable),
+        env=env,
+        user=parse_user(args.user) if args.user is not None else None,
+        interface=parse_interface(args.interface),
+    )
+
+
+def write_out(units: dict[str, str], out: str) -> None:
+    """Write the units into OUT through a scratch directory beside it."""
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        die(f"--out {out} exists and is not a directory", hint="give a directory")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        die(f"--out {out}: {parent} does not exist", hint="create it first")
+    scratch = Path(tempfile.mkdtemp(prefix=".unitgen-", dir=parent))
+    for unit, text in units.items():
+        (scratch / unit).write_text(text)
+        (scratch / unit).chmod(0o644)
+    if not target.exists():
+        scratch.rename(target)
+        return
+    for unit in units:
+        os.replace(scratch / unit, target / unit)
+    scratch.rmdir()
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    if args.check:
+        check_app(spec)
+    units = render_units(spec)
+    if args.out:
+        write_out(units, args.out)
+    else:
+        sys.stdout.write(format_bundle(units))
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    name = install(args.source, start=not args.no_start)
+    state = "installed" if args.no_start else "installed and started"
+    print(f"{name}: {state}; see `systemctl status {name}.target`", file=sys.stderr)
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    uninstall(args.name)
+    print(f"{args.name}: stopped and removed", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="log every command run and show tracebacks")
+    parser = _Parser(prog="unitgen", parents=[common],
+                     description="Run a Python web app on every core, supervised by systemd.")
+    parser.add_argument("--version", action="version", version=f"unitgen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    render = sub.add_parser("render", parents=[common], help="render the systemd units of an app")
+    render.add_argument("--app", required=True, help="MODULE:ATTR of the WSGI or ASGI app")
+    render.add_argument("--name", help="unit name (default: the app's top-level module)")
+    render.add_argument("--cores", default="auto", help="instances: auto (usable CPUs) or N (default auto)")
+    render.add_argument("--listen", action="append", metavar="ADDR",
+                        help=f"[HOST:]PORT, [IPV6]:PORT or /path.sock; repeatable (default {DEFAULT_LISTEN})")
+    render.add_argument("--workdir", help="directory the app is imported from (default: the current one)")
+    render.add_argument("--python", help="interpreter that runs the app, e.g. a virtualenv's (default: this one)")
+    render.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment; repeatable")
+    render.add_argument("--user", help="run the instances as this user")
+    render.add_argument("--interface", default="auto", choices=INTERFACES, help="app interface (default: detect)")
+    render.add_argument("--out", help="write the unit files into this directory instead of a bundle on stdout")
+    render.add_argument("--no-check", dest="check", action="store_false",
+                        help="do not import the app with --python in --workdir to check it")
+    render.set_defaults(func=cmd_render)
+
+    inst = sub.add_parser("install", parents=[common], help="install, enable and start rendered units")
+    inst.add_argument("source", nargs="?", default="-", help="bundle file, --out directory, or - (default)")
+    inst.add_argument("--no-start", action="store_true", help="install and enable, but start nothing")
+    inst.set_defaults(func=cmd_install)
+
+    uninst = sub.add_parser("uninstall", parents=[common], help="stop, disable and remove an app's units")
+    uninst.add_argument("name")
+    uninst.set_defaults(func=cmd_uninstall)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    run.DEBUG = debug
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except Die as err:
+        if debug:
+            traceback.print_exc()
+        print(f"unitgen: error: {err.line()}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback
+        if debug:
+            traceback.print_exc()
+        print(f"unitgen: internal error: {type(err).__name__}: {err}; run again with --debug "
+              "for the traceback", file=sys.stderr)
+        return 70

@@ -1,0 +1,40 @@
+"""Quoting for values that go into unit files.
+
+systemd parses unit files line by line: a raw newline adds a directive, a trailing
+backslash joins the next line, ``%`` starts a specifier and ``$`` expands a variable in
+ExecStart=. Every user-supplied value is first checked by ``check_text`` (which rejects
+what no quoting can make safe) and then written through one of these functions.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from unitgen.errors import die
+
+
+def check_text(what: str, value: str, *, hint: str) -> str:
+    """Reject control characters, invalid UTF-8 and empty values."""
+    if value == "":
+        die(f"{what} is empty", hint=hint)
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            die(f"{what} contains the control character {ch!r}", hint=hint)
+    return value
+
+
+def specifiers(value: str) -> str:
+    """Escape systemd specifiers: '%' is written '%%'."""
+    return value.replace("%", "%%")
+
+
+def quoted(value: str) -> str:
+    """One double-quoted word for ExecStart= (specifiers, variables, C escapes)."""
+    value = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + specifiers(value).replace("$", "$$") + '"'
+
+
+def env_assignment(key: str, value: str) -> str:
+    """A double-quoted KEY=VALUE word for Environment= (no $ expansion there)."""
+    text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + specifiers(text) + '"'

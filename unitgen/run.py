@@ -1,0 +1,52 @@
+"""The one way unitgen runs a program: logged with --debug, failures made clear."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from unitgen.errors import die
+
+DEBUG = False
+
+
+def log(message: str) -> None:
+    if DEBUG:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    check: bool = True,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run cmd, capturing its output; with check, a failure stops unitgen with its last line."""
+    log(f"+ {shlex.join(cmd)}")
+    try:
+        result = subprocess.run(
+            list(cmd), cwd=cwd, env=env, input=input, text=True, timeout=timeout,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        die(f"{cmd[0]} is not installed or not on PATH", hint="install it, or run unitgen on a host with systemd")
+    except subprocess.TimeoutExpired:
+        die(f'"{shlex.join(cmd)}" did not finish within {timeout} s')
+    if result.stdout:
+        log(result.stdout.rstrip())
+    if result.stderr:
+        log(result.stderr.rstrip())
+    if check and result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        detail = f": {last[-1]}" if last else ""
+        die(f'"{shlex.join(cmd)}" returned non-zero exit code {result.returncode}{detail}')
+    return result
+
+
+def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["systemctl", *args], check=check)
