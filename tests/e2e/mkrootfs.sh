@@ -10,11 +10,15 @@ dest=$2
 pkgs=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates
 pkgs=$pkgs,python3,python3-installer,python3-jinja2,python3-systemd
 pkgs=$pkgs,python3-uvicorn,python3-httptools,python3-uvloop,python3-flask,python3-starlette
+# Debian 12 has no a2wsgi: the worker falls back to uvicorn's WSGI middleware there.
+[ "$suite" = bookworm ] || pkgs=$pkgs,python3-a2wsgi
 rm -rf "$dest.tmp"
 mkdir -p "$(dirname "$dest")"
 debootstrap --variant=minbase --include="$pkgs" "$suite" "$dest.tmp"
 # No getty on the console, a fixed machine id: boots faster and quieter.
 rm -f "$dest.tmp/etc/systemd/system/getty.target.wants/"*
 chroot "$dest.tmp" apt-get clean
+# The cache is valid for this script only: testbed.py rebuilds when the stamp differs.
+sha256sum "$0" | cut -d' ' -f1 > "$dest.tmp/.unitgen-rootfs"
 rm -rf "$dest"
 mv "$dest.tmp" "$dest"

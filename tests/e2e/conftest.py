@@ -1,0 +1,90 @@
+"""Fixtures: one booted container per Debian release, with unitgen installed in it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed import SUITES, Container, TestbedError, free_port, missing_tools
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+_names = itertools.count()
+
+
+def _unavailable(message: str) -> None:
+    """No test bed: a failure, unless a developer opted out outside CI."""
+    if os.environ.get("UNITGEN_E2E") == "skip" and os.environ.get("CI") != "true":
+        pytest.skip(message)
+    pytest.fail(f"the e2e test bed cannot start: {message}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session", params=list(SUITES))
+def box(request: pytest.FixtureRequest, wheel_dir: Path):
+    if os.geteuid() != 0:
+        _unavailable("the e2e tests boot containers and must run as root")
+    if missing_tools():
+        _unavailable(f"missing {', '.join(missing_tools())}: apt-get install systemd-container debootstrap util-linux")
+    binds = {str(wheel_dir): "/src", str(HERE / "apps"): "/srv/apps", str(ROOT / "examples"): "/srv/examples",
+             str(ROOT / "tests/golden"): "/srv/golden"}
+    try:
+        container = Container(request.param, binds)
+        container.boot()
+    except TestbedError as err:
+        _unavailable(str(err))
+    try:
+        container.sh("python3 -m installer /src/*.whl")
+        yield container
+    finally:
+        container.shutdown()
+
+
+class App:
+    """One app installed with unitgen in a container; uninstalled at teardown."""
+
+    def __init__(self, box: Container, name: str, port: int) -> None:
+        self.box, self.name, self.port = box, name, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.box.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
+
+    def instance_pids(self) -> set[int]:
+        out = self.box.sh(f"systemctl show -p MainPID --value '{self.name}@*.service'").stdout
+        return {int(pid) for pid in out.split() if pid != "0"}
+
+
+@pytest.fixture
+def deploy(box: Container):
+    """deploy(app_spec, *render_args, start=True) -> App, rendered and installed in box."""
+    installed: list[App] = []
+
+    def _deploy(app: str, *args: str, start: bool = True, workdir: str = "/srv/apps") -> App:
+        name = f"t{next(_names)}"
+        port = free_port()
+        render = ["unitgen", "render", "--app", app, "--name", name, "--listen", f"127.0.0.1:{port}",
+                  "--workdir", workdir, *args]
+        bundle = box.run(*render).stdout
+        install = ["unitgen", "install", "-"] + (["--no-start"] if not start else [])
+        installed.append(App(box, name, port))
+        box.run(*install, input=bundle)
+        return installed[-1]
+
+    yield _deploy
+    for app in installed:
+        box.run("unitgen", "uninstall", app.name, check=False)

@@ -1,0 +1,145 @@
+"""Real systemd as PID 1 of a Debian container (systemd-nspawn), for the e2e tests.
+
+Root file systems are built once by mkrootfs.sh and cached outside the checkout
+(UNITGEN_TESTBED_CACHE, default /var/cache/unitgen-testbed). Each boot runs on a
+throwaway overlay (--volatile=overlay), so the cache is never changed by a test.
+The container shares the host's network namespace: a socket unit listening on
+127.0.0.1:PORT inside is reachable from the test on the host.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("UNITGEN_TESTBED_CACHE", "/var/cache/unitgen-testbed"))
+# Debian release -> the systemd version it ships.
+SUITES = {"bookworm": 252, "trixie": 257}
+CLEAN_ENV = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
+
+
+class TestbedError(Exception):
+    pass
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in ("systemd-nspawn", "debootstrap", "nsenter") if shutil.which(tool) is None]
+
+
+def ensure_rootfs(suite: str) -> Path:
+    """The cached root file system of suite, built on first use (about 2 minutes)."""
+    rootfs = CACHE / suite
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{suite}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = hashlib.sha256((HERE / "mkrootfs.sh").read_bytes()).hexdigest()
+        try:
+            current = (rootfs / ".unitgen-rootfs").read_text().strip()
+        except OSError:
+            current = ""
+        if current != stamp:
+            log = CACHE / f"{suite}.log"
+            with open(log, "w") as out:
+                result = subprocess.run([str(HERE / "mkrootfs.sh"), suite, str(rootfs)], stdout=out, stderr=subprocess.STDOUT)
+            if result.returncode != 0:
+                raise TestbedError(f"debootstrap of {suite} failed; see {log}")
+    return rootfs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+class Container:
+    """One booted container; run() executes a command inside it as root."""
+
+    def __init__(self, suite: str, binds: dict[str, str]) -> None:
+        self.suite = suite
+        self.systemd_version = SUITES[suite]
+        self.rootfs = ensure_rootfs(suite)
+        self.binds = binds
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid1 = 0
+        self.console = CACHE / f"{suite}-{os.getpid()}.console.log"
+
+    def boot(self, timeout: float = 90) -> None:
+        cmd = [
+            "systemd-nspawn", "-D", str(self.rootfs), "-b", "-q",
+            "--register=no", "--keep-unit", "--volatile=overlay",
+            f"--machine=unitgen-{self.suite}-{os.getpid()}",
+        ]
+        cmd += [f"--bind-ro={host}:{inside}" for host, inside in self.binds.items()]
+        env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+        with open(self.console, "wb") as console:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while not self.pid1:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.shutdown()
+                raise TestbedError(f"{self.suite} container did not boot; see {self.console}")
+            self.pid1 = self._find_init()
+            time.sleep(0.1)
+        # PID 1 exists before it can answer: ask until it says how the boot went.
+        state = ""
+        while not state and time.monotonic() < deadline:
+            state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).stdout.strip()
+            time.sleep(0.1)
+        if state not in ("running", "degraded"):
+            self.shutdown()
+            raise TestbedError(f"{self.suite} container booted into state {state!r}; see {self.console}")
+
+    def _find_init(self) -> int:
+        # nspawn forks a child that becomes the container's PID 1 parent; systemd is below it.
+        assert self.proc is not None
+        for child in _children(self.proc.pid):
+            for grandchild in [child, *_children(child)]:
+                try:
+                    if Path(f"/proc/{grandchild}/comm").read_text().strip() == "systemd":
+                        return grandchild
+                except OSError:
+                    pass
+        return 0
+
+    def run(self, *cmd: str, check: bool = True, input: str | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        full = ["nsenter", "-t", str(self.pid1), "-a", *CLEAN_ENV, *cmd]
+        result = subprocess.run(full, input=input, text=True, capture_output=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"in {self.suite}: {' '.join(cmd)} exited {result.returncode}\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}"
+            )
+        return result
+
+    def sh(self, script: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-c", script, **kwargs)
+
+    def shutdown(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM powers the container off
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self.console.unlink(missing_ok=True)
