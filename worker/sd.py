@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from systemd import daemon
@@ -19,6 +20,10 @@ def adopt_listen_sockets() -> list[socket.socket]:
     unit: they are never shut down or unlinked here, only this process's copy closed.
     """
     fds = daemon.listen_fds(unset_environment=True)
+    # sd_listen_fds() unsets them in the C environment only; os.environ is Python's
+    # copy and is what subprocess hands to the app's children.
+    for variable in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)
     if not fds:
         raise NoSocketError(
             "no listening socket was passed in (LISTEN_FDS/LISTEN_PID unset or not for this "

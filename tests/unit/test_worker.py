@@ -1,0 +1,125 @@
+"""The worker runtime with real sockets: systemd-socket-activate passes the listening
+fd (LISTEN_FDS/LISTEN_PID) and a real datagram socket receives sd_notify messages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                                reason="needs systemd-socket-activate (package systemd)")
+
+
+class Worker:
+    def __init__(self, proc: subprocess.Popen[str], notify: socket.socket, address: str | tuple[str, int]) -> None:
+        self.proc, self.notify, self.address = proc, notify, address
+
+    def messages(self, timeout: float) -> list[str]:
+        self.notify.settimeout(timeout)
+        return self.notify.recv(4096).decode().split("\n")
+
+    def get(self, path: str = "/") -> bytes:
+        family = socket.AF_UNIX if isinstance(self.address, str) else (
+            socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
+        with socket.socket(family) as client:
+            client.settimeout(15)
+            client.connect(self.address)
+            client.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            chunks = []
+            while chunk := client.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.fixture
+def activate(tmp_path):
+    started: list[subprocess.Popen[str]] = []
+
+    def _activate(app: str, listen: str, cwd: Path = APPS) -> Worker:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp_path / "notify"))
+        cmd = ["systemd-socket-activate", "-l", listen, "-E", f"NOTIFY_SOCKET={tmp_path}/notify",
+               sys.executable, "-m", "unitgen_worker", "--app", app]
+        proc = subprocess.Popen(cmd, cwd=cwd, stderr=subprocess.PIPE, text=True)
+        started.append(proc)
+        # systemd-socket-activate prints "Listening on ..." once the socket is bound.
+        assert "Listening on" in proc.stderr.readline()
+        if listen.startswith("/"):
+            return Worker(proc, notify, listen)
+        host, _, port = listen.rpartition(":")
+        return Worker(proc, notify, (host.strip("[]"), int(port)))
+
+    yield _activate
+    for proc in started:
+        proc.terminate()
+        proc.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ready_only_after_lifespan_startup_and_queued_request_served(activate):
+    worker = activate("slowstart:app", f"127.0.0.1:{free_port()}")
+    began = time.monotonic()
+    # The first connection makes systemd-socket-activate start the worker; it waits
+    # in the socket's queue while the app starts, and is served once it is ready.
+    response = worker.get()
+    assert worker.messages(timeout=10)[0] == "READY=1"
+    assert time.monotonic() - began >= 2.0
+    assert response.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("listen", ["unix", "[::1]", "127.0.0.1"])
+def test_serves_any_socket_family_and_unsets_listen_variables(activate, tmp_path, listen):
+    address = str(tmp_path / "app.sock") if listen == "unix" else f"{listen}:{free_port()}"
+    worker = activate("envapp:app", address, cwd=Path(__file__).parent / "apps")
+    response = worker.get()
+    assert response.startswith(b"HTTP/1.1 200 ")
+    # The app sees no LISTEN_* variables: a child it starts must not adopt the socket.
+    assert b"LISTEN_FDS=None LISTEN_PID=None" in response
+    assert worker.messages(timeout=10)[0] == "READY=1"
+
+
+def run_worker(*args: str, env: dict[str, str] | None = None, cwd: Path = APPS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unitgen_worker", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=30)
+
+
+def test_listen_fds_for_another_process_are_not_adopted():
+    result = run_worker("--app", "worker:app", env={"LISTEN_FDS": "1", "LISTEN_PID": "1"})
+    assert result.returncode == 78
+    assert result.stderr.splitlines()[-1].startswith("unitgen-worker: no listening socket was passed in")
+
+
+def test_import_error_is_exit_78_and_one_line(activate):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        os.set_inheritable(listener.fileno(), True)
+        result = subprocess.run(
+            [sys.executable, "-c",
+             f"import os, sys; os.dup2({listener.fileno()}, 3); os.environ['LISTEN_FDS'] = '1'; "
+             "os.environ['LISTEN_PID'] = str(os.getpid()); sys.argv = ['w', '--app', 'nosuch:app']; "
+             "import runpy; runpy.run_module('unitgen_worker', run_name='__main__')"],
+            cwd=APPS, capture_output=True, text=True, pass_fds=(listener.fileno(),), timeout=30)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == ["unitgen-worker: cannot import 'nosuch': No module named 'nosuch'"]
+
+
+def test_check_reports_the_interface():
+    assert run_worker("--check", "--app", "flaskapp:app").stdout == "wsgi\n"
+    assert run_worker("--check", "--app", "starletteapp:app").stdout == "asgi\n"
+    assert run_worker("--check", "--app", "hello:app", cwd=EXAMPLES).stdout == "asgi\n"
+    assert run_worker("--check", "--app", "worker:app").stdout == "wsgi\n"
