@@ -143,3 +143,15 @@ class Container:
                 self.proc.wait()
         self.proc = None
         self.console.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    # `testbed.py build`: make sure every cached root file system is there, in parallel.
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    if sys.argv[1:] != ["build"]:
+        sys.exit("usage: testbed.py build")
+    with ThreadPoolExecutor(len(SUITES)) as pool:
+        for rootfs in pool.map(ensure_rootfs, SUITES):
+            print(f"test bed: {rootfs} ready", file=sys.stderr)
