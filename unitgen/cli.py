@@ -17,7 +17,7 @@ from unitgen.install import install, uninstall
 from unitgen.render import format_bundle, render_units
 from unitgen.spec import (
     INTERFACES, AppSpec, default_name, parse_app, parse_cores, parse_env, parse_interface,
-    parse_listen, parse_name, parse_path, parse_user,
+    parse_executable, parse_listen, parse_name, parse_path, parse_seconds, parse_unit, parse_user,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
@@ -40,10 +40,13 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         instances=parse_cores(args.cores, usable=usable_cpus()),
         listen=listen,
         workdir=parse_path("--workdir", args.workdir if args.workdir is not None else os.getcwd()),
-        python=parse_path("--python", args.python if args.python is not None else sys.executable),
+        python=parse_executable("--python", args.python if args.python is not None else sys.executable),
         env=env,
         user=parse_user(args.user) if args.user is not None else None,
         interface=parse_interface(args.interface),
+        watchdog=parse_seconds("--watchdog", args.watchdog, minimum=0),
+        drain_timeout=parse_seconds("--drain-timeout", args.drain_timeout, minimum=1),
+        on_failure=parse_unit("--on-failure", args.on_failure) if args.on_failure is not None else None,
     )
 
 
@@ -111,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment; repeatable")
     render.add_argument("--user", help="run the instances as this user")
     render.add_argument("--interface", default="auto", choices=INTERFACES, help="app interface (default: detect)")
+    render.add_argument("--watchdog", default="10", metavar="SECONDS",
+                        help="kill and restart an instance whose event loop is stuck this long; 0: off (default 10)")
+    render.add_argument("--drain-timeout", default="30", metavar="SECONDS",
+                        help="time in-flight requests get on stop before connections are closed (default 30)")
+    render.add_argument("--on-failure", metavar="UNIT", help="unit to start when an instance fails (alerting)")
     render.add_argument("--out", help="write the unit files into this directory instead of a bundle on stdout")
     render.add_argument("--no-check", dest="check", action="store_false",
                         help="do not import the app with --python in --workdir to check it")

@@ -21,6 +21,7 @@ _APP = re.compile(rf"({_DOTTED}):({_DOTTED})")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _ENV_KEY = re.compile(_IDENT)
 # useradd's portable set (what systemd accepts for User= without warning) or a uid.
+_UNIT = re.compile(r"[A-Za-z0-9_.:@-]{1,200}\.(service|target)")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
 INTERFACES = ("auto", "asgi", "wsgi")
 MAX_INSTANCES = 1024
@@ -41,6 +42,9 @@ class AppSpec:
     env: tuple[tuple[str, str], ...] = ()
     user: str | None = None
     interface: str = "auto"
+    watchdog: int = 10  # WatchdogSec=; 0 turns the watchdog off
+    drain_timeout: int = 30  # seconds in-flight requests get after SIGTERM
+    on_failure: str | None = None  # OnFailure= unit, e.g. an alerting service
 
     @property
     def instance_names(self) -> list[str]:
@@ -100,6 +104,15 @@ def parse_path(what: str, value: str) -> str:
     return _check_path(what, value, f"give {what} as an absolute path such as /srv/myapp")
 
 
+def parse_executable(what: str, value: str) -> str:
+    path = parse_path(what, value)
+    # systemd refuses to exec a path with quotes or backslashes (string_is_safe()).
+    if "'" in path or '"' in path:
+        die(f"{what} {value!r} has a quote, which systemd does not accept in a program's path",
+            hint="use a path without quotes, e.g. a symlink to the interpreter")
+    return path
+
+
 def parse_listen(value: str) -> str:
     """[HOST:]PORT, [IPV6]:PORT or /path.sock -> the ListenStream= value."""
     hint = "use --listen PORT, HOST:PORT, [IPV6]:PORT or /run/NAME.sock"
@@ -145,4 +158,21 @@ def parse_user(value: str) -> str:
 def parse_interface(value: str) -> str:
     if value not in INTERFACES:
         die(f"--interface {value!r} is unknown", hint="use auto, asgi or wsgi")
+    return value
+
+
+def parse_seconds(flag: str, value: str, *, minimum: int, maximum: int = 3600) -> int:
+    hint = f"give {flag} as whole seconds from {minimum} to {maximum}"
+    if not re.fullmatch(r"[0-9]{1,6}", value or ""):
+        die(f"{flag} {value!r} is not a number of seconds", hint=hint)
+    if not minimum <= int(value) <= maximum:
+        die(f"{flag} {value} is out of range", hint=hint)
+    return int(value)
+
+
+def parse_unit(flag: str, value: str) -> str:
+    hint = f"give {flag} as a unit name such as alert@example.service"
+    check_text(flag, value, hint=hint)
+    if not _UNIT.fullmatch(value):
+        die(f"{flag} {value!r} is not a .service or .target unit name", hint=hint)
     return value

@@ -19,6 +19,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--app", required=True, help="MODULE:ATTR")
     parser.add_argument("--interface", choices=("auto", "asgi", "wsgi"), default="auto")
     parser.add_argument("--instance", default="0", help="instance number, for the logs")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds to let requests finish after SIGTERM before closing connections")
     parser.add_argument("--check", action="store_true", help="load the app, print its interface, exit")
     return parser.parse_args(argv)
 
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         print(interface)
         return 0
 
-    faulthandler.enable()
+    # systemd's watchdog kills with SIGABRT: faulthandler prints every thread's stack
+    # to stderr (the journal) first, which shows where the event loop was stuck.
+    faulthandler.enable(all_threads=True)
     try:
         sockets = adopt_listen_sockets()
         app, interface = load(args.app, args.interface)
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("instance %s serving %s (%s)", args.instance, args.app, interface)
     lifespan = "auto" if interface == "asgi" else "off"
-    if not serve(as_asgi(app, interface), sockets, lifespan=lifespan):
+    if not serve(as_asgi(app, interface), sockets, lifespan=lifespan, drain_timeout=args.drain_timeout):
         return EXIT_STARTUP
     return 0
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 from systemd import daemon
+
+
+log = logging.getLogger("unitgen.worker")
+_failing = False
 
 
 class NoSocketError(Exception):
@@ -33,6 +38,37 @@ def adopt_listen_sockets() -> list[socket.socket]:
     return [socket.socket(fileno=fd) for fd in fds]
 
 
-def notify(state: str) -> None:
-    """sd_notify(); a no-op when NOTIFY_SOCKET is unset (run by hand)."""
-    daemon.notify(state)
+def notify(state: str) -> bool:
+    """sd_notify(); a no-op when NOTIFY_SOCKET is unset (run by hand).
+
+    Never raises: python-systemd raises OSError when the datagram is refused (PID 1
+    re-executing, a receiver gone), and a lost STATUS= or ping must not take down the
+    loop that drains and pings.
+    """
+    global _failing
+    try:
+        sent = bool(daemon.notify(state))
+    except OSError as err:
+        if not _failing:  # once per outage, not once a second
+            log.warning("sd_notify(%s) failed: %s", state.split("=", 1)[0], err)
+        _failing = True
+        return False
+    _failing = False
+    return sent
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings, or None when systemd expects none.
+
+    As sd_watchdog_enabled(): WATCHDOG_USEC, for this process if WATCHDOG_PID is set.
+    Pinging at a quarter of the timeout leaves room for a slow tick or two. The
+    variables are removed so that a child of the app does not take them as its own.
+    """
+    usec = os.environ.pop("WATCHDOG_USEC", None)
+    pid = os.environ.pop("WATCHDOG_PID", None)
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec), 1) / 4e6
+    except ValueError:
+        return None

@@ -4,25 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from unitgen_worker.sd import notify
+from unitgen_worker.lifecycle import RunState, Supervisor, TrackRequests
+from unitgen_worker.sd import notify, watchdog_interval
+
+log = logging.getLogger("unitgen.worker")
 
 
-class NotifyingServer(uvicorn.Server):
-    """uvicorn's Server, telling systemd it is ready once startup has finished.
+class WorkerServer(uvicorn.Server):
+    """uvicorn's Server with systemd's lifecycle: READY=1 after startup, our drain on SIGTERM."""
 
-    startup() imports nothing more and runs the ASGI lifespan startup before it
-    listens; `started` is set only when that succeeded.
-    """
+    def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout = drain_timeout
+        self.supervisor: asyncio.Future[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler only sets a flag; supervise() drains on the event loop.
+        # A second SIGINT (Ctrl-C by hand) skips the drain.
+        if sig == signal.SIGINT and self.state.stop_requested:
+            self.should_exit = self.force_exit = True
+        self.state.stop_requested = True
+        if self.supervisor is None:  # still starting up: nothing to drain yet
+            self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's startup runs the ASGI lifespan startup, then listens; `started`
+        # is set only when both succeeded.
         await super().startup(sockets=sockets)
-        if self.started:
-            notify("READY=1\nSTATUS=serving")
+        if not self.started or self.should_exit:
+            return
+        supervisor = Supervisor(self, self.state, drain_timeout=self.drain_timeout, watchdog_interval=watchdog_interval())
+        self.supervisor = asyncio.ensure_future(supervisor.run())
+        notify(f"READY=1\nSTATUS={self.state.status()}")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -33,15 +54,16 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(app: Any, sockets: list[socket.socket], *, lifespan: str) -> bool:
-    """Run until uvicorn exits; False when startup failed."""
+def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float) -> bool:
+    """Run until the drain is over; False when startup failed."""
+    state = RunState()
     config = uvicorn.Config(
-        app,
+        TrackRequests(app, state),
         lifespan=lifespan,
         log_config=None,  # journald already stamps and tags every line
         access_log=False,
     )
-    server = NotifyingServer(config)
+    server = WorkerServer(config, state, drain_timeout=drain_timeout)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -49,5 +71,5 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str) -> bool:
     finally:
         loop.close()
     if not server.started:
-        logging.getLogger("unitgen.worker").error("startup failed: the app never became ready")
+        log.error("startup failed: the app never became ready")
     return server.started

@@ -40,6 +40,9 @@ VALID = {
                                    st.sampled_from(["[::1]:8000", "0.0.0.0:80", "127.0.0.2:9"])), max_size=3),
     "--env": st.lists(st.tuples(st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True), PRINTABLE).map("=".join),
                       max_size=3),
+    "--watchdog": st.integers(0, 3600).map(str),
+    "--drain-timeout": st.integers(1, 3600).map(str),
+    "--on-failure": st.from_regex(r"[a-z0-9@_.:-]{1,20}\.(service|target)", fullmatch=True),
 }
 # ...and arbitrary strings for up to two of them in each example.
 ARBITRARY = {flag: st.lists(TEXT, max_size=3) if flag in ("--listen", "--env") else TEXT for flag in VALID}
@@ -86,9 +89,12 @@ def expected_directives(spec) -> dict[str, collections.Counter[str]]:
     service = collections.Counter(
         Description=1, PartOf=1, StartLimitIntervalSec=1, Type=1, NotifyAccess=1, ExecStart=1, Sockets=1,
         NonBlocking=1, WorkingDirectory=1, Restart=1, RestartSec=1, RestartPreventExitStatus=1, KillMode=1,
+        ExecStartPre=1, ExecStopPost=1, TimeoutStartSec=1, TimeoutStopSec=1,
     )
     service["User"] = 1 if spec.user else 0
-    service["Environment"] = len(spec.env)
+    service["OnFailure"] = 1 if spec.on_failure else 0
+    service["WatchdogSec"] = 1 if spec.watchdog else 0
+    service["Environment"] = 1 + len(spec.env)  # UNITGEN_INSTANCE=%i, then the user's
     socket = collections.Counter(Description=1, ListenStream=len(spec.listen), Service=1, WantedBy=1)
     socket["RemoveOnStop"] = 1 if any(a.startswith("/") for a in spec.listen) else 0
     return {
@@ -123,7 +129,10 @@ def test_any_option_value_is_refused_cleanly_or_renders_safe_units(values):
         exec_start = next(l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith("ExecStart="))
         words = exec_start.removeprefix("ExecStart=").split(" ")
         assert unquote(words[0]) == spec.python and unquote(words[4]) == spec.app
-        env_lines = [l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith("Environment=")]
+        for helper in ("ExecStartPre=+", "ExecStopPost=+"):
+            line = next(l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith(helper))
+            assert unquote(line.removeprefix(helper).split(" ")[0]) == spec.python
+        env_lines = [l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith("Environment=\"")]
         assert [unquote(l.removeprefix("Environment="), variables=False) for l in env_lines] == [f"{k}={v}" for k, v in spec.env]
 
         # verify checks that ExecStart's program exists: give it one at that path,

@@ -6,7 +6,7 @@ from unitgen.cores import cgroup_cpus, cgroup_path, quota_cpus
 from unitgen.errors import Die
 from unitgen.escape import env_assignment, quoted, specifiers
 from unitgen.spec import (
-    default_name, parse_app, parse_cores, parse_env, parse_listen, parse_name, parse_path, parse_user,
+    default_name, parse_app, parse_executable, parse_cores, parse_env, parse_listen, parse_name, parse_path, parse_user,
 )
 
 
@@ -95,3 +95,10 @@ def test_cgroup_quota(tmp_path):
     (tmp_path / "fs/a/cpu.max").write_text("300000 100000\n")
     (tmp_path / "fs/a/b/cpu.max").write_text("max 100000\n")
     assert cgroup_cpus(root=tmp_path / "fs", proc=proc) == 3
+
+
+def test_executable_paths_systemd_would_refuse_are_rejected():
+    assert parse_executable("--python", "/opt/my venv/bin/python") == "/opt/my venv/bin/python"
+    for bad in ("/opt/it's/python", '/opt/"x"/python', "/opt/a\\b"):
+        with pytest.raises(Die):
+            parse_executable("--python", bad)

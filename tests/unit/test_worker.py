@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +62,12 @@ def activate(tmp_path):
     yield _activate
     for proc in started:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack to stderr
+            proc.wait(10)
+            pytest.fail(f"the worker did not exit on SIGTERM:\n{proc.stderr.read()}")
 
 
 def free_port() -> int:
@@ -123,3 +129,16 @@ def test_check_reports_the_interface():
     assert run_worker("--check", "--app", "starletteapp:app").stdout == "asgi\n"
     assert run_worker("--check", "--app", "hello:app", cwd=EXAMPLES).stdout == "asgi\n"
     assert run_worker("--check", "--app", "worker:app").stdout == "wsgi\n"
+
+
+def test_drains_and_exits_even_when_the_notify_socket_is_gone(activate):
+    # python-systemd raises when a datagram is refused (PID 1 re-executing, say): a
+    # STATUS= that fails must not kill the loop that acts on SIGTERM.
+    worker = activate("starletteapp:app", f"127.0.0.1:{free_port()}")
+    assert worker.get().startswith(b"HTTP/1.1 200 ")
+    assert worker.messages(timeout=10)[0] == "READY=1"
+    worker.notify.close()
+    time.sleep(1.5)  # at least one STATUS= refused
+    worker.proc.terminate()
+    assert worker.proc.wait(10) == 0
+    assert "sd_notify(STATUS) failed" in worker.proc.stderr.read()

@@ -1,0 +1,64 @@
+"""The restart backoff helper that ExecStartPre=/ExecStopPost= run around each start."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from unitgen_worker import backoff
+
+
+def test_delays_start_near_one_second_and_grow_past_thirty():
+    delays = [backoff.delay(n) for n in range(0, 10)]
+    assert delays[:2] == [0.0, 0.5]
+    assert all(later >= earlier for earlier, later in zip(delays, delays[1:]))
+    assert max(delays) >= 30
+    assert backoff.delay(100) == backoff.MAX_DELAY
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(backoff, "STATE_DIR", tmp_path)
+    return tmp_path
+
+
+def test_failures_count_up_and_a_clean_stop_forgets_them(state_dir):
+    unit = "app@0.service"
+    now = time.monotonic()
+    backoff.wait(unit)
+    assert backoff.record(unit, "exit-code", now)["failures"] == 1
+    assert backoff.record(unit, "signal", now)["failures"] == 2
+    assert backoff.record(unit, "watchdog", now)["failures"] == 3
+    backoff.record(unit, "success", now)
+    assert backoff.load(unit) == {}
+
+
+def test_a_healthy_run_starts_the_count_again(state_dir):
+    unit = "app@1.service"
+    backoff.record(unit, "signal", time.monotonic())
+    backoff.record(unit, "signal", time.monotonic())
+    backoff.wait(unit)  # notes the start
+    later = time.monotonic() + backoff.HEALTHY_RUN + 1
+    assert backoff.record(unit, "signal", later)["failures"] == 1
+
+
+def test_wait_sleeps_the_delay_less_restart_sec(state_dir):
+    unit = "app@2.service"
+    backoff.record(unit, "exit-code", time.monotonic())
+    backoff.record(unit, "exit-code", time.monotonic())  # 2 failures: 1 s
+    began = time.monotonic()
+    assert backoff.wait(unit) == pytest.approx(backoff.delay(2) - backoff.RESTART_SEC)
+    assert time.monotonic() - began >= backoff.delay(2) - backoff.RESTART_SEC
+
+
+def test_command_line_reads_service_result(tmp_path):
+    code = ("import sys; from unitgen_worker import backoff; backoff.STATE_DIR = __import__('pathlib').Path(sys.argv[1]);"
+            " sys.exit(backoff.main(sys.argv[2:]))")
+    run = lambda *args, result: subprocess.run([sys.executable, "-c", code, str(tmp_path), *args],
+                                               env={"SERVICE_RESULT": result}, capture_output=True, text=True)
+    assert run("record", "x@0.service", result="core-dump").returncode == 0
+    assert '"failures": 1' in (tmp_path / "x@0.service.json").read_text()
+    assert run("record", "x@0.service", result="success").returncode == 0
+    assert not (tmp_path / "x@0.service.json").exists()
+    assert run("bogus", result="success").returncode == 2
