@@ -10,8 +10,13 @@ service template runs this helper around each start instead:
 `record` counts failures ($SERVICE_RESULT other than "success"); a clean stop, and a
 failure after a run of HEALTHY_RUN seconds or more, start the count again. `wait`
 sleeps for the delay the count calls for: 0.5 s after the first failure, doubling up to
-MAX_DELAY. A manual stop or restart kills the waiting helper, which counts as a clean
-stop, so `systemctl restart` (and a roll) starts at once after the app is fixed.
+MAX_DELAY, but only when this start is systemd's automatic restart. A manual start or
+restart (after the app is fixed, or a roll) starts at once, as with RestartSteps=.
+
+Telling the two apart: systemd's NRestarts goes up by exactly one when it schedules an
+automatic restart, and a manual start either resets it to 0 or (from the auto-restart
+state) leaves it as it was. So `record` notes NRestarts, and `wait` only waits when it
+is one more than that. Verified on systemd 252 and 257 by tests/e2e.
 
 No start limit is involved: a start limit hit by any instance fails the shared socket.
 The state lives in /run (gone at reboot) and the helper imports nothing heavy.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +63,17 @@ def _save(unit: str, state: dict) -> None:
     os.replace(scratch, _path(unit))
 
 
-def record(unit: str, result: str, now: float) -> dict:
+def restarts(unit: str) -> int | None:
+    """systemd's NRestarts of unit, or None if systemctl cannot say."""
+    try:
+        out = subprocess.run(["systemctl", "show", "-p", "NRestarts", "--value", unit],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def record(unit: str, result: str, now: float, n_restarts: int | None) -> dict:
     """After an exit: count a failure, or forget them all after a clean stop."""
     if result == "success":
         _path(unit).unlink(missing_ok=True)
@@ -65,14 +81,17 @@ def record(unit: str, result: str, now: float) -> dict:
     state = load(unit)
     ran = now - state.get("started", now)
     failures = 1 if ran >= HEALTHY_RUN else state.get("failures", 0) + 1
-    state.update(failures=failures, result=result, next_start=time.time() + delay(failures))
+    state.update(failures=failures, result=result, restarts=n_restarts, next_start=time.time() + delay(failures))
     _save(unit, state)
     return state
 
 
-def wait(unit: str) -> float:
+def wait(unit: str, n_restarts: int | None) -> float:
     """Before a start: sleep off what is left of the delay, then note the start."""
     state = load(unit)
+    automatic = n_restarts is None or state.get("restarts") is None or n_restarts == state["restarts"] + 1
+    if not automatic:  # a manual start: begin afresh
+        state = {}
     pause = max(0.0, delay(state.get("failures", 0)) - RESTART_SEC)
     if pause:
         print(f"{unit}: failed {state['failures']} times in a row; starting again in {pause:.1f} s",
@@ -89,9 +108,9 @@ def main(argv: list[str]) -> int:
         return 2
     command, unit = argv
     if command == "wait":
-        wait(unit)
+        wait(unit, restarts(unit))
     else:
-        record(unit, os.environ.get("SERVICE_RESULT", "success"), time.monotonic())
+        record(unit, os.environ.get("SERVICE_RESULT", "success"), time.monotonic(), restarts(unit))
     return 0
 
 

@@ -26,30 +26,39 @@ def state_dir(tmp_path, monkeypatch):
 def test_failures_count_up_and_a_clean_stop_forgets_them(state_dir):
     unit = "app@0.service"
     now = time.monotonic()
-    backoff.wait(unit)
-    assert backoff.record(unit, "exit-code", now)["failures"] == 1
-    assert backoff.record(unit, "signal", now)["failures"] == 2
-    assert backoff.record(unit, "watchdog", now)["failures"] == 3
-    backoff.record(unit, "success", now)
+    backoff.wait(unit, 0)
+    assert backoff.record(unit, "exit-code", now, 0)["failures"] == 1
+    assert backoff.record(unit, "signal", now, 1)["failures"] == 2
+    assert backoff.record(unit, "watchdog", now, 2)["failures"] == 3
+    backoff.record(unit, "success", now, 3)
     assert backoff.load(unit) == {}
 
 
 def test_a_healthy_run_starts_the_count_again(state_dir):
     unit = "app@1.service"
-    backoff.record(unit, "signal", time.monotonic())
-    backoff.record(unit, "signal", time.monotonic())
-    backoff.wait(unit)  # notes the start
+    backoff.record(unit, "signal", time.monotonic(), 0)
+    backoff.record(unit, "signal", time.monotonic(), 0)
+    backoff.wait(unit, None)  # notes the start
     later = time.monotonic() + backoff.HEALTHY_RUN + 1
-    assert backoff.record(unit, "signal", later)["failures"] == 1
+    assert backoff.record(unit, "signal", later, 1)["failures"] == 1
 
 
-def test_wait_sleeps_the_delay_less_restart_sec(state_dir):
+def test_automatic_restart_waits_the_delay_less_restart_sec(state_dir):
     unit = "app@2.service"
-    backoff.record(unit, "exit-code", time.monotonic())
-    backoff.record(unit, "exit-code", time.monotonic())  # 2 failures: 1 s
+    backoff.record(unit, "exit-code", time.monotonic(), 4)
+    backoff.record(unit, "exit-code", time.monotonic(), 5)  # 2 failures: 1 s
     began = time.monotonic()
-    assert backoff.wait(unit) == pytest.approx(backoff.delay(2) - backoff.RESTART_SEC)
+    assert backoff.wait(unit, 6) == pytest.approx(backoff.delay(2) - backoff.RESTART_SEC)
     assert time.monotonic() - began >= backoff.delay(2) - backoff.RESTART_SEC
+
+
+@pytest.mark.parametrize("n_restarts", [0, 5], ids=["counter reset", "counter unchanged"])
+def test_manual_start_does_not_wait_and_forgets_the_failures(state_dir, n_restarts):
+    unit = "app@3.service"
+    for n in range(3, 6):
+        backoff.record(unit, "exit-code", time.monotonic(), n)
+    assert backoff.wait(unit, n_restarts) == 0
+    assert backoff.load(unit).keys() == {"started"}
 
 
 def test_command_line_reads_service_result(tmp_path):

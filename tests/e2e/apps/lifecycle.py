@@ -1,0 +1,46 @@
+"""An ASGI app for the lifecycle tests (plain ASGI: the same on every Debian).
+
+/            200 with the pid
+/sleep?s=N   answers after N seconds (the loop keeps running)
+/block?s=N   blocks the event loop for N seconds (the watchdog's case)
+Flag files in /run/unitgen-test make instance UNITGEN_INSTANCE fail on purpose:
+import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises).
+"""
+
+import asyncio
+import os
+import time
+from urllib.parse import parse_qs
+
+FLAGS = "/run/unitgen-test"
+INSTANCE = os.environ.get("UNITGEN_INSTANCE", "?")
+
+if os.path.exists(f"{FLAGS}/import-error-{INSTANCE}"):
+    import a_module_that_is_not_installed  # noqa: F401
+
+
+def block(seconds):
+    time.sleep(seconds)  # on the event loop thread, on purpose
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if os.path.exists(f"{FLAGS}/fail-startup-{INSTANCE}"):
+                    await send({"type": "lifespan.startup.failed", "message": "failing on purpose"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    seconds = float(parse_qs(scope["query_string"].decode()).get("s", ["0"])[0])
+    if scope["path"] == "/sleep":
+        await asyncio.sleep(seconds)
+    elif scope["path"] == "/block":
+        block(seconds)
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/plain"), (b"x-worker-pid", str(os.getpid()).encode()),
+        (b"x-instance", INSTANCE.encode())]})
+    await send({"type": "http.response.body", "body": f"pid {os.getpid()} slept {seconds}\n".encode()})
