@@ -11,7 +11,7 @@ from unitgen import __version__
 from unitgen.errors import die
 from unitgen.escape import env_assignment, quoted, specifiers
 from unitgen.spec import AppSpec, parse_name
-from unitgen_worker.backoff import MAX_DELAY, RESTART_SEC
+from unitgen_worker.backoff import ALERT_AFTER, MAX_DELAY, RESTART_SEC
 from unitgen_worker.exitcodes import EXIT_CONFIG
 
 # The first line of every unit unitgen writes; `install` and `uninstall` refuse to
@@ -33,7 +33,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(quoted=quoted, specifiers=specifiers)
     env.globals.update(env_assignment=env_assignment, exit_config=EXIT_CONFIG,
-                       backoff_max=MAX_DELAY, restart_sec=RESTART_SEC)
+                       backoff_max=MAX_DELAY, restart_sec=RESTART_SEC, alert_after=ALERT_AFTER)
     return env
 
 

@@ -21,7 +21,9 @@ _APP = re.compile(rf"({_DOTTED}):({_DOTTED})")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _ENV_KEY = re.compile(_IDENT)
 # useradd's portable set (what systemd accepts for User= without warning) or a uid.
-_UNIT = re.compile(r"[A-Za-z0-9_.:@-]{1,200}\.(service|target)")
+# A unit name, where %n, %N, %i and %p (this instance's names) may stand, as in
+# systemd's own OnFailure=failure-handler@%N.service.
+_UNIT = re.compile(r"(?:[A-Za-z0-9_.:@-]|%[nNip]){1,200}\.(service|target)")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
 INTERFACES = ("auto", "asgi", "wsgi")
 MAX_INSTANCES = 1024
@@ -171,7 +173,7 @@ def parse_seconds(flag: str, value: str, *, minimum: int, maximum: int = 3600) -
 
 
 def parse_unit(flag: str, value: str) -> str:
-    hint = f"give {flag} as a unit name such as alert@example.service"
+    hint = f"give {flag} as a unit name such as alert@%n.service (specifiers %n %N %i %p)"
     check_text(flag, value, hint=hint)
     if not _UNIT.fullmatch(value):
         die(f"{flag} {value!r} is not a .service or .target unit name", hint=hint)

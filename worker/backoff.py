@@ -36,6 +36,7 @@ FIRST_DELAY = 0.5
 MAX_DELAY = 32.0
 HEALTHY_RUN = 30.0
 RESTART_SEC = 0.1  # RestartSec= in the service template: part of the delay already
+ALERT_AFTER = 3  # failures in a row that start the --on-failure unit
 
 
 def delay(failures: int) -> float:
@@ -73,7 +74,7 @@ def restarts(unit: str) -> int | None:
         return None
 
 
-def record(unit: str, result: str, now: float, n_restarts: int | None) -> dict:
+def record(unit: str, result: str, now: float, n_restarts: int | None, alert: str | None = None) -> dict:
     """After an exit: count a failure, or forget them all after a clean stop."""
     if result == "success":
         _path(unit).unlink(missing_ok=True)
@@ -83,6 +84,9 @@ def record(unit: str, result: str, now: float, n_restarts: int | None) -> dict:
     failures = 1 if ran >= HEALTHY_RUN else state.get("failures", 0) + 1
     state.update(failures=failures, result=result, restarts=n_restarts, next_start=time.time() + delay(failures))
     _save(unit, state)
+    if alert and failures == ALERT_AFTER:
+        # --no-block: the alert must never hold up this unit's own restart.
+        subprocess.run(["systemctl", "start", "--no-block", alert], timeout=10, check=False)
     return state
 
 
@@ -103,14 +107,18 @@ def wait(unit: str, n_restarts: int | None) -> float:
 
 
 def main(argv: list[str]) -> int:
+    alert = None
+    if len(argv) == 4 and argv[0] == "record" and argv[2] == "--alert":
+        alert = argv.pop()
+        argv.pop()
     if len(argv) != 2 or argv[0] not in ("record", "wait"):
-        print("usage: python -m unitgen_worker.backoff record|wait UNIT", file=sys.stderr)
+        print("usage: python -m unitgen_worker.backoff record UNIT [--alert UNIT] | wait UNIT", file=sys.stderr)
         return 2
     command, unit = argv
     if command == "wait":
         wait(unit, restarts(unit))
     else:
-        record(unit, os.environ.get("SERVICE_RESULT", "success"), time.monotonic(), restarts(unit))
+        record(unit, os.environ.get("SERVICE_RESULT", "success"), time.monotonic(), restarts(unit), alert)
     return 0
 
 

@@ -187,3 +187,65 @@ def test_import_error_exits_78_without_restart_while_siblings_serve(box, deploy,
     assert lines == ["unitgen-worker: cannot import 'lifecycle': No module named 'a_module_that_is_not_installed'"]
     result = load.result()
     assert result.failed == 0, result.output
+
+
+def test_a_stream_that_never_ends_is_closed_at_the_drain_timeout(box, deploy):
+    app = deploy("lifecycle:app", "--cores", "1", "--drain-timeout", "2")
+    unit = f"{app.name}@0.service"
+    pid = app.show(unit, "MainPID")
+    lines = []
+
+    def read_stream():
+        try:
+            with requests.get(f"{app.url}/forever", stream=True, timeout=30) as stream:
+                for line in stream.iter_lines():
+                    lines.append(line)
+        except requests.RequestException:
+            pass  # closed under it mid-stream: what the drain timeout does
+
+    reader = threading.Thread(target=read_stream)
+    reader.start()
+    assert wait_until(lambda: len(lines) >= 3, timeout=5)
+    began = time.monotonic()
+    box.run("systemctl", "restart", unit)
+    took = time.monotonic() - began
+    reader.join(5)
+    assert not reader.is_alive(), "the stream was not closed"
+    assert 2 <= took < 2 + 5, f"restart took {took:.2f} s with --drain-timeout 2"
+    journal = box.run("journalctl", "--no-pager", "-o", "cat", f"_PID={pid}").stdout
+    assert "drain timeout (2 s): closed 1 connections" in journal
+    # the instance exited by itself, well before TimeoutStopSec= (17 s) would kill it
+    assert "timed out" not in box.run("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
+
+
+def test_status_counters_are_live_in_systemctl_status(box, deploy):
+    app = deploy("lifecycle:app", "--cores", "2")
+    for _ in range(50):
+        assert requests.get(app.url, headers={"Connection": "close"}, timeout=5).status_code == 200
+    time.sleep(1.3)  # STATUS= is sent at least once a second
+    served = 0
+    for i in range(2):
+        text = app.show(f"{app.name}@{i}.service", "StatusText")
+        match = re.fullmatch(r"serving: (\d+) requests, 0 in flight, up since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", text)
+        assert match, text
+        served += int(match.group(1))
+    assert served == 50
+    status = box.run("systemctl", "status", "--no-pager", f"{app.name}@0.service").stdout
+    assert 'Status: "serving: ' in status
+
+
+def test_on_failure_unit_alerts_on_a_crash_loop_and_on_exit_78(box, deploy, flags):
+    alert_unit = "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo %i >> /run/unitgen-test/alerts'\n"
+    box.run("tee", "/etc/systemd/system/alert@.service", input=alert_unit)
+    box.run("systemctl", "daemon-reload")
+    app = deploy("lifecycle:app", "--cores", "2", "--on-failure", "alert@%n.service")
+    flags("fail-startup-1")
+    box.run("systemctl", "restart", f"{app.name}@1.service", check=False)
+    alerts = lambda: box.run("cat", f"{FLAGS}/alerts", check=False).stdout.split()
+    assert wait_until(lambda: alerts() == [f"{app.name}@1.service"], timeout=10), alerts()
+    box.run("rm", f"{FLAGS}/fail-startup-1")
+    flags("import-error-1")
+    box.run("systemctl", "restart", f"{app.name}@1.service", check=False)
+    assert wait_until(lambda: len(alerts()) == 2, timeout=10), alerts()
+    assert app.show(f"{app.name}@1.service", "ActiveState") == "failed"
+    box.run("rm", "-f", "/etc/systemd/system/alert@.service")

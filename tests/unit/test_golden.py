@@ -19,7 +19,7 @@ CASES = {
         "--listen", "8080", "--listen", "[::1]:8081", "--listen", "/run/shop-api.sock",
         "--workdir", "/srv/shop 50%", "--user", "www-data", "--interface", "wsgi",
         "--env", 'GREETING=50% off "today" for $5 \\', "--env", "EMPTY=",
-        "--watchdog", "0", "--drain-timeout", "120", "--on-failure", "alert@shop-api.service",
+        "--watchdog", "0", "--drain-timeout", "120", "--on-failure", "alert@%n.service",
     ],
 }
 

@@ -3,6 +3,7 @@
 /            200 with the pid
 /sleep?s=N   answers after N seconds (the loop keeps running)
 /block?s=N   blocks the event loop for N seconds (the watchdog's case)
+/forever     a response that streams a line every 0.2 s and never ends
 Flag files in /run/unitgen-test make instance UNITGEN_INSTANCE fail on purpose:
 import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises).
 """
@@ -35,6 +36,11 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["path"] == "/forever":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        while True:
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(0.2)
     seconds = float(parse_qs(scope["query_string"].decode()).get("s", ["0"])[0])
     if scope["path"] == "/sleep":
         await asyncio.sleep(seconds)
