@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -14,6 +15,8 @@ from unitgen.check import check_app
 from unitgen.cores import usable_cpus
 from unitgen.errors import Die, die
 from unitgen.install import install, uninstall
+from unitgen.ops import logs, roll, scale
+from unitgen.status import collect, table
 from unitgen.render import format_bundle, render_units
 from unitgen.spec import (
     INTERFACES, AppSpec, default_name, parse_app, parse_cores, parse_env, parse_interface,
@@ -95,6 +98,30 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roll(args: argparse.Namespace) -> int:
+    if args.pause < 0:
+        die(f"--pause {args.pause} is negative", hint="give seconds to wait between instances, e.g. --pause 2")
+    roll(args.name, pause=args.pause, all_at_once=args.all_at_once)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = collect(args.name)
+    print(json.dumps(status, indent=2) if args.json else table(status))
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    scale(args.name, parse_cores(args.count, usable=usable_cpus()))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    if args.lines < 0:
+        die(f"-n {args.lines} is negative", hint="give how many lines to show, e.g. -n 100")
+    return logs(args.name, follow=args.follow, lines=args.lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="log every command run and show tracebacks")
@@ -132,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     uninst = sub.add_parser("uninstall", parents=[common], help="stop, disable and remove an app's units")
     uninst.add_argument("name")
     uninst.set_defaults(func=cmd_uninstall)
+
+    rollp = sub.add_parser("roll", parents=[common], help="restart every instance, one at a time, without failing a request")
+    rollp.add_argument("name")
+    rollp.add_argument("--pause", type=float, default=0.0, metavar="SECONDS", help="wait between instances")
+    rollp.add_argument("--all-at-once", action="store_true",
+                       help="restart every instance together; the socket queues connections meanwhile")
+    rollp.set_defaults(func=cmd_roll)
+
+    statusp = sub.add_parser("status", parents=[common], help="one row per instance: state, pid, uptime, memory, requests")
+    statusp.add_argument("name")
+    statusp.add_argument("--json", action="store_true", help="the same as a JSON document (schema in the README)")
+    statusp.set_defaults(func=cmd_status)
+
+    scalep = sub.add_parser("scale", parents=[common], help="run exactly N instances from now on")
+    scalep.add_argument("name")
+    scalep.add_argument("count", metavar="N", help="number of instances, or auto (usable CPUs)")
+    scalep.set_defaults(func=cmd_scale)
+
+    logsp = sub.add_parser("logs", parents=[common], help="the journal of every instance, each line tagged")
+    logsp.add_argument("name")
+    logsp.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logsp.add_argument("-n", "--lines", type=int, default=50, help="how many lines to show first (default 50)")
+    logsp.set_defaults(func=cmd_logs)
     return parser
 
 

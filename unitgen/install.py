@@ -33,7 +33,7 @@ def read_units(source: str) -> dict[str, str]:
             hint="give the bundle file, the --out directory, or - for standard input")
 
 
-def _ours(path: Path) -> bool:
+def is_ours(path: Path) -> bool:
     try:
         with path.open() as f:
             return f.readline().startswith(MARKER)
@@ -59,7 +59,7 @@ def write_units(units: dict[str, str], unit_dir: Path = UNIT_DIR) -> None:
     """Each unit is written to a scratch directory beside its target, then renamed."""
     for unit in units:
         target = unit_dir / unit
-        if target.exists() and not _ours(target):
+        if target.exists() and not is_ours(target):
             die(f"{target} exists and was not written by unitgen",
                 hint="choose another --name, or remove that unit yourself")
     scratch = Path(tempfile.mkdtemp(prefix=".unitgen-", dir=unit_dir))
@@ -102,7 +102,7 @@ def uninstall(name: str) -> None:
     if not any(path.exists() for path in paths):
         die(f"no app named {name!r} is installed", hint="`systemctl list-units '*.target'` lists what runs")
     for path in paths:
-        if path.exists() and not _ours(path):
+        if path.exists() and not is_ours(path):
             die(f"{path} was not written by unitgen", hint="remove it yourself if it is no longer wanted")
     socket, service, target = units
     instances = service.replace("@.", "@*.")

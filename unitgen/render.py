@@ -41,18 +41,35 @@ def unit_names(name: str) -> tuple[str, str, str]:
     return f"{name}.socket", f"{name}@.service", f"{name}.target"
 
 
+def _marker(app: str) -> str:
+    return f"{MARKER} {__version__} for {app}; re-render it rather than edit it."
+
+
+def installed_app(unit_text: str) -> str | None:
+    """The MODULE:ATTR a unit written by unitgen was rendered for (its first line)."""
+    match = re.match(rf"{re.escape(MARKER)} \S+ for (\S+); ", unit_text)
+    return match.group(1) if match else None
+
+
+def render_target(name: str, app: str, instances: int) -> str:
+    """NAME.target alone: `scale` changes the number of instances it wants."""
+    context = {"marker": _marker(app), "name": name, "app": app, "instances": instances}
+    return _environment().get_template("target.j2").render(context)
+
+
 def render_units(spec: AppSpec) -> dict[str, str]:
     """NAME.socket, NAME@.service and NAME.target as file name -> text."""
     env = _environment()
     context = {
         "spec": spec,
-        "marker": f"{MARKER} {__version__} for {spec.app}; re-render it rather than edit it.",
+        "marker": _marker(spec.app),
         "unix": any(address.startswith("/") for address in spec.listen),
     }
-    templates = ("socket.j2", "service.j2", "target.j2")
+    socket, service, target = unit_names(spec.name)
     return {
-        unit: env.get_template(template).render(context)
-        for unit, template in zip(unit_names(spec.name), templates)
+        socket: env.get_template("socket.j2").render(context),
+        service: env.get_template("service.j2").render(context),
+        target: render_target(spec.name, spec.app, spec.instances),
     }
 
 

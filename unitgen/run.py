@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from unitgen.errors import die
 
@@ -50,3 +51,21 @@ def run(
 
 def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run(["systemctl", *args], check=check)
+
+
+@contextlib.contextmanager
+def stream(cmd: Sequence[str]) -> Iterator[Iterator[str]]:
+    """Run cmd and hand over its output line by line as it comes (journalctl -f)."""
+    log(f"+ {shlex.join(cmd)}")
+    try:
+        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        die(f"{cmd[0]} is not installed or not on PATH", hint="run unitgen on a host with systemd")
+    try:
+        yield iter(proc.stdout.readline, "")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate()
+    if proc.returncode not in (0, -15):
+        last = err.strip().splitlines()
+        die(f'"{shlex.join(cmd)}" returned non-zero exit code {proc.returncode}' + (f": {last[-1]}" if last else ""))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FLAGS
 from testbed import SUITES, Container, TestbedError, free_port, missing_tools
 
 HERE = Path(__file__).resolve().parent
@@ -88,3 +89,10 @@ def deploy(box: Container):
     yield _deploy
     for app in installed:
         box.run("unitgen", "uninstall", app.name, check=False)
+
+
+@pytest.fixture
+def flags(box):
+    box.run("mkdir", "-p", FLAGS)
+    yield lambda name: box.run("touch", f"{FLAGS}/{name}")
+    box.run("rm", "-rf", FLAGS)

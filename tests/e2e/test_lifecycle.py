@@ -9,38 +9,10 @@ import time
 import pytest
 import requests
 
+from helpers import FLAGS, restarted, wait_until
 from load import Wrk
 
 pytestmark = pytest.mark.e2e
-FLAGS = "/run/unitgen-test"
-
-
-def wait_until(predicate, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return None
-
-
-def restarted(app, unit: str, old_pid: int):
-    """The new MainPID once unit is active again with another process."""
-    def check():
-        # `--value` prints in systemd's property order, not ours: read KEY=VALUE.
-        out = app.box.run("systemctl", "show", "-p", "ActiveState", "-p", "MainPID", unit).stdout
-        props = dict(line.split("=", 1) for line in out.splitlines())
-        pid = int(props["MainPID"])
-        return pid if props["ActiveState"] == "active" and pid not in (0, old_pid) else None
-    return check
-
-
-@pytest.fixture
-def flags(box):
-    box.run("mkdir", "-p", FLAGS)
-    yield lambda name: box.run("touch", f"{FLAGS}/{name}")
-    box.run("rm", "-rf", FLAGS)
 
 
 def test_stop_start_restart_under_keepalive_load_fail_nothing(box, deploy):

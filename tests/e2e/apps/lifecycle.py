@@ -5,7 +5,8 @@
 /block?s=N   blocks the event loop for N seconds (the watchdog's case)
 /forever     a response that streams a line every 0.2 s and never ends
 Flag files in /run/unitgen-test make instance UNITGEN_INSTANCE fail on purpose:
-import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises).
+import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises);
+fail-startup-all makes every instance fail at startup (a broken release).
 """
 
 import asyncio
@@ -29,7 +30,7 @@ async def app(scope, receive, send):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                if os.path.exists(f"{FLAGS}/fail-startup-{INSTANCE}"):
+                if os.path.exists(f"{FLAGS}/fail-startup-{INSTANCE}") or os.path.exists(f"{FLAGS}/fail-startup-all"):
                     await send({"type": "lifespan.startup.failed", "message": "failing on purpose"})
                     return
                 await send({"type": "lifespan.startup.complete"})

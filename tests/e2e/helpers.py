@@ -1,0 +1,28 @@
+"""Small helpers for the e2e tests."""
+
+from __future__ import annotations
+
+import time
+
+FLAGS = "/run/unitgen-test"  # flag files that make the lifecycle app fail on purpose
+
+
+def wait_until(predicate, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def restarted(app, unit: str, old_pid: int):
+    """The new MainPID once unit is active again with another process."""
+    def check():
+        # `--value` prints in systemd's property order, not ours: read KEY=VALUE.
+        out = app.box.run("systemctl", "show", "-p", "ActiveState", "-p", "MainPID", unit).stdout
+        props = dict(line.split("=", 1) for line in out.splitlines())
+        pid = int(props["MainPID"])
+        return pid if props["ActiveState"] == "active" and pid not in (0, old_pid) else None
+    return check

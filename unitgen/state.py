@@ -1,0 +1,57 @@
+"""What systemd says about an installed app: one `systemctl show` for many units."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from unitgen.errors import die
+from unitgen.install import UNIT_DIR, is_ours
+from unitgen.render import installed_app, unit_names
+from unitgen.run import systemctl
+from unitgen.spec import parse_name
+
+_INSTANCE = re.compile(r".+@(\d+)\.service")
+
+
+def show(units: list[str], props: list[str]) -> list[dict[str, str]]:
+    """systemctl show for each unit, in the order given (blocks split by a blank line)."""
+    out = systemctl("show", "-p", ",".join(props), *units).stdout
+    blocks = [block for block in out.strip("\n").split("\n\n")]
+    if len(blocks) != len(units):
+        die(f"systemctl show answered for {len(blocks)} units, not {len(units)}")
+    return [dict(line.split("=", 1) for line in block.splitlines() if "=" in line) for block in blocks]
+
+
+def instance_number(unit: str) -> int:
+    match = _INSTANCE.fullmatch(unit)
+    return int(match.group(1)) if match else -1
+
+
+class App:
+    """An app installed by unitgen, as systemd has it now."""
+
+    def __init__(self, name: str) -> None:
+        self.name = parse_name(name)
+        self.socket, self.service, self.target = unit_names(self.name)
+        target_file = UNIT_DIR / self.target
+        if not target_file.exists():
+            die(f"no app named {self.name!r} is installed", hint="install it with `unitgen render ... | sudo unitgen install -`")
+        if not is_ours(target_file):
+            die(f"{target_file} was not written by unitgen", hint="unitgen only manages apps it installed")
+        self.app = installed_app(target_file.read_text()) or "?"
+
+    def wanted(self) -> list[str]:
+        """The instances the target wants, by number: what runs after a reboot."""
+        wants = show([self.target], ["Wants"])[0].get("Wants", "").split()
+        return sorted((u for u in wants if instance_number(u) >= 0 and u.startswith(f"{self.name}@")),
+                      key=instance_number)
+
+    def loaded(self) -> list[str]:
+        """Every instance systemd has loaded now, wanted or not (after a scale down)."""
+        out = systemctl("list-units", "--all", "--plain", "--no-legend", "--type=service", f"{self.name}@*.service").stdout
+        units = {line.split()[0] for line in out.splitlines() if line.strip()}
+        return sorted((u for u in units if instance_number(u) >= 0), key=instance_number)
+
+    def backoff(self, unit: str) -> Path:
+        return Path("/run/unitgen") / f"{unit}.json"
