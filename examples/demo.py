@@ -7,7 +7,6 @@ import argparse
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,17 +35,23 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=15, help="length of the load")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as wheels:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", wheels, str(ROOT)], check=True)
-        say(f"booting Debian {args.debian} with systemd {SUITES[args.debian]} as PID 1 (systemd-nspawn)")
-        box = Container(args.debian, {wheels: "/src", str(ROOT / "examples"): "/srv/examples"})
-        box.boot()
-        try:
-            box.sh("python3 -m installer /src/*.whl")
-            return demo(box, args.seconds)
-        finally:
-            box.shutdown()
+    say("packaging/build-deb")
+    deb = ROOT / subprocess.run([str(ROOT / "packaging/build-deb")], check=True, stdout=subprocess.PIPE,
+                                text=True).stdout.strip().splitlines()[-1]
+    print(deb)
+    say(f"booting Debian {args.debian} with systemd {SUITES[args.debian]} as PID 1 (systemd-nspawn)")
+    box = Container(args.debian, {str(deb.parent): "/debs", str(ROOT / "examples"): "/srv/examples"})
+    box.boot()
+    try:
+        say(f"apt-get install ./{deb.name}  (its dependencies come from Debian)")
+        install = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", f"/debs/{deb.name}"]
+        if box.run(*install, check=False, timeout=600).returncode != 0:
+            box.run("apt-get", "update", "-q", timeout=600)
+            box.run(*install, timeout=600)
+        print(box.run("dpkg-query", "-W", "unitgen", "python3-uvicorn", "python3-systemd").stdout)
+        return demo(box, args.seconds)
+    finally:
+        box.shutdown()
 
 
 def demo(box: Container, seconds: int) -> int:

@@ -112,6 +112,13 @@ def _bytes(value: int | None) -> str:
     return "-"
 
 
+def _memory(row: dict) -> str:
+    """MemoryCurrent= (the cgroup) where systemd has it, else the main process's RSS."""
+    if row["memory_bytes"] is not None:
+        return _bytes(row["memory_bytes"])
+    return "-" if row["rss_bytes"] is None else _bytes(row["rss_bytes"]) + " rss"
+
+
 def table(status: dict) -> str:
     socket = status["socket"]
     lines = [f"{status['name']} ({status['app']}): socket {socket['unit']} {socket['state']} on {', '.join(socket['listen']) or '-'}"]
@@ -127,7 +134,7 @@ def table(status: dict) -> str:
             note.append(f"next attempt {row['next_attempt']}")
         rows.append((row["unit"], f"{row['state']}/{row['sub_state']}", str(row["pid"] or "-"),
                      _human(row["uptime_seconds"]),
-                     _bytes(row["memory_bytes"]) if row["memory_bytes"] is not None else _bytes(row["rss_bytes"]) + " rss", str(row["restarts"]),
+                     _memory(row), str(row["restarts"]),
                      "-" if row["requests"] is None else str(row["requests"]),
                      "-" if row["in_flight"] is None else str(row["in_flight"]), "; ".join(note)))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import FLAGS
+from helpers import FLAGS, apt_install
 from testbed import SUITES, Container, TestbedError, free_port, missing_tools
 
 HERE = Path(__file__).resolve().parent
@@ -25,23 +24,34 @@ def _unavailable(message: str) -> None:
     pytest.fail(f"the e2e test bed cannot start: {message}", pytrace=False)
 
 
+UPGRADE_VERSION = "0.1.0+upgrade1"
+
+
+def build_deb(*args: str) -> Path:
+    result = subprocess.run([str(ROOT / "packaging/build-deb"), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"packaging/build-deb failed:\n{result.stderr}", pytrace=False)
+    return ROOT / result.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
-def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
-        check=True,
-    )
-    return out
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The .deb built from this tree ("current"), and the same as a newer version ("upgrade")."""
+    out = tmp_path_factory.mktemp("debs")
+    built = {}
+    for role, args in (("current", ()), ("upgrade", ("--version", UPGRADE_VERSION))):
+        deb = build_deb(*args)
+        built[role] = deb.rename(out / deb.name)
+    return built
 
 
 @pytest.fixture(scope="session", params=list(SUITES))
-def box(request: pytest.FixtureRequest, wheel_dir: Path):
+def box(request: pytest.FixtureRequest, debs: dict[str, Path]):
     if os.geteuid() != 0:
         _unavailable("the e2e tests boot containers and must run as root")
     if missing_tools():
         _unavailable(f"missing {', '.join(missing_tools())}: apt-get install systemd-container debootstrap util-linux")
-    binds = {str(wheel_dir): "/src", str(HERE / "apps"): "/srv/apps", str(ROOT / "examples"): "/srv/examples",
+    binds = {str(debs["current"].parent): "/debs", str(HERE / "apps"): "/srv/apps", str(ROOT / "examples"): "/srv/examples",
              str(ROOT / "tests/golden"): "/srv/golden"}
     try:
         container = Container(request.param, binds)
@@ -49,7 +59,8 @@ def box(request: pytest.FixtureRequest, wheel_dir: Path):
     except TestbedError as err:
         _unavailable(str(err))
     try:
-        container.sh("python3 -m installer /src/*.whl")
+        # The whole suite runs against the installed package, not the source tree.
+        apt_install(container, f"/debs/{debs['current'].name}")
         yield container
     finally:
         container.shutdown()

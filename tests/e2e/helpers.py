@@ -26,3 +26,12 @@ def restarted(app, unit: str, old_pid: int):
         pid = int(props["MainPID"])
         return pid if props["ActiveState"] == "active" and pid not in (0, old_pid) else None
     return check
+
+
+def apt_install(container: Container, *debs: str) -> None:
+    """apt-get install ./x.deb, pulling the dependencies from Debian's archive."""
+    cmd = ["apt-get", "install", "-y", "-q", "--allow-downgrades", *debs]
+    env = ["env", "DEBIAN_FRONTEND=noninteractive"]
+    if container.run(*env, *cmd, check=False, timeout=600).returncode != 0:
+        container.run("apt-get", "update", "-q", timeout=600)  # package lists may be stale
+        container.run(*env, *cmd, timeout=600)

@@ -5,11 +5,11 @@
 set -eu
 suite=$1
 dest=$2
-# Debian's own packages that the worker and the e2e apps run on; the project itself is
-# installed into each booted container from a wheel.
+# A plain Debian with systemd, plus what the e2e test apps import. unitgen's own
+# dependencies are NOT here: each booted container installs the .deb with apt-get,
+# which must pull them from Debian (python3-uvicorn, python3-systemd, ...).
 pkgs=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates
-pkgs=$pkgs,python3,python3-installer,python3-jinja2,python3-systemd
-pkgs=$pkgs,python3-uvicorn,python3-httptools,python3-uvloop,python3-flask,python3-starlette
+pkgs=$pkgs,python3,python3-flask,python3-starlette
 # Debian 12 has no a2wsgi: the worker falls back to uvicorn's WSGI middleware there.
 [ "$suite" = bookworm ] || pkgs=$pkgs,python3-a2wsgi
 rm -rf "$dest.tmp"

@@ -1,0 +1,37 @@
+"""Pure pieces of status and logs: formatting and how journal lines are tagged."""
+
+from unitgen.ops import _format
+from unitgen.status import _bytes, _human, table
+
+
+def test_human_durations_and_sizes():
+    assert [_human(s) for s in (None, 5, 65, 3661, 90000)] == ["-", "5s", "1m05s", "1h01m", "1d1h"]
+    assert [_bytes(b) for b in (None, 512, 2048, 31_621_120)] == ["-", "512B", "2.0K", "30.2M"]
+
+
+def test_journal_lines_are_tagged_with_their_instance():
+    at = str(1_795_000_000 * 10**6)
+    worker = {"_SYSTEMD_UNIT": "shop@3.service", "MESSAGE": "INFO hello", "__REALTIME_TIMESTAMP": at}
+    by_pid1 = {"_SYSTEMD_UNIT": "init.scope", "UNIT": "shop@0.service", "MESSAGE": "Stopped x.",
+               "__REALTIME_TIMESTAMP": at}
+    binary = {"_SYSTEMD_UNIT": "shop@1.service", "MESSAGE": list(b"caf\xc3\xa9 \xff"), "__REALTIME_TIMESTAMP": at}
+    assert _format(worker).endswith(" shop@3: INFO hello")
+    assert _format(by_pid1).endswith(" shop@0: Stopped x.")
+    assert _format(binary).endswith(" shop@1: café \ufffd")
+
+
+def test_table_has_a_row_per_instance_and_notes_crash_loops():
+    row = {"unit": "a@0.service", "instance": 0, "wanted": True, "state": "activating", "sub_state": "start-pre",
+           "pid": None, "uptime_seconds": None, "memory_bytes": None, "rss_bytes": None, "restarts": 4,
+           "requests": None, "in_flight": None, "failures": 5, "next_attempt": "2026-11-22T21:40:00+00:00"}
+    status = {"name": "a", "app": "a:app", "socket": {"unit": "a.socket", "state": "active", "listen": ["8000"]},
+              "instances": [row, {**row, "unit": "a@1.service", "instance": 1, "wanted": False, "state": "active",
+                                  "sub_state": "running", "pid": 42, "uptime_seconds": 61, "rss_bytes": 2048,
+                                  "restarts": 0, "requests": 7, "in_flight": 1, "failures": 0,
+                                  "next_attempt": None}]}
+    lines = table(status).splitlines()
+    assert lines[0] == "a (a:app): socket a.socket active on 8000"
+    assert lines[2].split()[:6] == ["a@0.service", "activating/start-pre", "-", "-", "-", "4"]
+    assert "5 failures in a row; next attempt 2026-11-22T21:40:00+00:00" in lines[2]
+    assert lines[3].split()[:9] == ["a@1.service", "active/running", "42", "1m01s", "2.0K", "rss", "0", "7", "1"]
+    assert lines[3].endswith("not wanted (scaled down)")
