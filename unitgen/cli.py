@@ -112,7 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    scale(args.name, parse_cores(args.count, usable=usable_cpus()))
+    scale(args.name, parse_cores(args.count, usable=usable_cpus(), what="the number of instances"))
     return 0
 
 

@@ -11,6 +11,7 @@ from unitgen.errors import die
 from unitgen.render import MARKER, check_units, parse_bundle, unit_names
 from unitgen.run import run, systemctl
 from unitgen.spec import parse_name
+from unitgen_worker.backoff import STATE_DIR as BACKOFF_DIR
 
 UNIT_DIR = Path("/etc/systemd/system")
 
@@ -112,5 +113,8 @@ def uninstall(name: str) -> None:
     systemctl("disable", "--quiet", socket, target, check=False)
     for path in paths:
         path.unlink(missing_ok=True)
+    # The restart backoff's counts (worker/backoff.py) go with the app.
+    for state in BACKOFF_DIR.glob(f"{name}@*.service.json"):
+        state.unlink(missing_ok=True)
     systemctl("daemon-reload")
     systemctl("reset-failed", socket, instances, check=False)

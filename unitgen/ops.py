@@ -11,7 +11,6 @@ from unitgen.errors import die
 from unitgen.install import write_units
 from unitgen.render import render_target
 from unitgen.run import log, run, stream, systemctl
-from unitgen.spec import MAX_INSTANCES
 from unitgen.state import App, show
 
 
@@ -65,8 +64,6 @@ def _fail(unit: str, stderr: str, *, done: int = 0, total: int = 0) -> None:
 
 def scale(name: str, count: int) -> None:
     """Run exactly count instances from now on: the target is re-rendered to want them."""
-    if not 1 <= count <= MAX_INSTANCES:
-        die(f"scale to {count} is out of range", hint=f"give a number of instances from 1 to {MAX_INSTANCES}")
     app = App(name)
     write_units({app.target: render_target(app.name, app.app, count)})
     systemctl("daemon-reload")

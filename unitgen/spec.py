@@ -23,7 +23,9 @@ _ENV_KEY = re.compile(_IDENT)
 # useradd's portable set (what systemd accepts for User= without warning) or a uid.
 # A unit name, where %n, %N, %i and %p (this instance's names) may stand, as in
 # systemd's own OnFailure=failure-handler@%N.service.
-_UNIT = re.compile(r"(?:[A-Za-z0-9_.:@-]|%[nNip]){1,200}\.(service|target)")
+# As systemd's unit_name_is_valid(): PREFIX[@INSTANCE].SUFFIX, both parts non-empty.
+_UNIT_PART = r"(?:[A-Za-z0-9_.:-]|%[nNip])+"
+_UNIT = re.compile(rf"(?=.{{1,200}}$){_UNIT_PART}(?:@{_UNIT_PART})?\.(?:service|target)")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
 INTERFACES = ("auto", "asgi", "wsgi")
 MAX_INSTANCES = 1024
@@ -76,16 +78,16 @@ def parse_name(value: str) -> str:
     return value
 
 
-def parse_cores(value: str, *, usable: int) -> int:
+def parse_cores(value: str, *, usable: int, what: str = "--cores") -> int:
     """'auto' is the number of CPUs this process may use; otherwise a whole number >= 1."""
-    hint = f"use --cores auto (here {usable}) or a whole number from 1 to {MAX_INSTANCES}"
+    hint = f"use {what} auto (here {usable}) or a whole number from 1 to {MAX_INSTANCES}"
     if value == "auto":
         return max(1, usable)
     if not re.fullmatch(r"[0-9]+", value or ""):
-        die(f"--cores {value!r} is not a number", hint=hint)
+        die(f"{what} {value!r} is not a number", hint=hint)
     count = int(value)
     if not 1 <= count <= MAX_INSTANCES:
-        die(f"--cores {value} is out of range", hint=hint)
+        die(f"{what} {value} is out of range", hint=hint)
     return count
 
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from unitgen.errors import die
-from unitgen.install import UNIT_DIR, is_ours
+from unitgen.install import BACKOFF_DIR, UNIT_DIR, is_ours
 from unitgen.render import installed_app, unit_names
 from unitgen.run import systemctl
 from unitgen.spec import parse_name
@@ -54,4 +54,4 @@ class App:
         return sorted((u for u in units if instance_number(u) >= 0), key=instance_number)
 
     def backoff(self, unit: str) -> Path:
-        return Path("/run/unitgen") / f"{unit}.json"
+        return BACKOFF_DIR / f"{unit}.json"

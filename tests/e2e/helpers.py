@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from testbed import Container
 
 FLAGS = "/run/unitgen-test"  # flag files that make the lifecycle app fail on purpose
 

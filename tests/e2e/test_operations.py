@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from helpers import FLAGS, restarted, wait_until
+from helpers import restarted, wait_until
 from load import Wrk
 
 pytestmark = pytest.mark.e2e

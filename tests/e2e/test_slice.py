@@ -114,5 +114,6 @@ def test_uninstall_leaves_nothing(box, deploy):
     for pid in pids:
         assert box.run("test", "-e", f"/proc/{pid}", check=False).returncode != 0
     assert box.run("pgrep", "-f", "unitgen_worker", check=False).stdout == ""
+    assert box.sh(f"ls /run/unitgen/ 2>/dev/null | grep -c '^{app.name}@' || true").stdout.strip() == "0"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", app.port), timeout=5)

@@ -6,7 +6,7 @@ from unitgen.cores import cgroup_cpus, cgroup_path, quota_cpus
 from unitgen.errors import Die
 from unitgen.escape import env_assignment, quoted, specifiers
 from unitgen.spec import (
-    default_name, parse_app, parse_executable, parse_cores, parse_env, parse_listen, parse_name, parse_path, parse_user,
+    default_name, parse_app, parse_executable, parse_unit, parse_cores, parse_env, parse_listen, parse_name, parse_path, parse_user,
 )
 
 
@@ -102,3 +102,12 @@ def test_executable_paths_systemd_would_refuse_are_rejected():
     for bad in ("/opt/it's/python", '/opt/"x"/python', "/opt/a\\b"):
         with pytest.raises(Die):
             parse_executable("--python", bad)
+
+
+def test_on_failure_takes_unit_names_with_instance_specifiers():
+    for good in ("alert.service", "alert@%n.service", "page@ops-%i.target", "a.b:c@x.service"):
+        assert parse_unit("--on-failure", good) == good
+    for bad in ("@.service", "alert@.service", "a@b@c.service", "alert", "alert.socket", "%x.service",
+                "a b.service", "x" * 201 + ".service"):
+        with pytest.raises(Die):
+            parse_unit("--on-failure", bad)
