@@ -15,7 +15,8 @@ def check_app(spec: AppSpec) -> str:
     if not os.path.isdir(spec.workdir):
         die(f"--workdir {spec.workdir} is not a directory", hint="create it or give the app's directory")
     if not (os.path.isfile(spec.python) and os.access(spec.python, os.X_OK)):
-        die(f"--python {spec.python} is not an executable file", hint="give the interpreter, e.g. /srv/app/.venv/bin/python")
+        die(f"--python {spec.python} is not an executable file",
+            hint="give the interpreter, e.g. /srv/app/.venv/bin/python")
     env = {**os.environ, **dict(spec.env)}
     cmd = [spec.python, "-m", "unitgen_worker", "--check", "--app", spec.app, "--interface", spec.interface]
     result = run(cmd, cwd=spec.workdir, env=env, check=False, timeout=120)

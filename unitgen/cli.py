@@ -16,12 +16,24 @@ from unitgen.cores import usable_cpus
 from unitgen.errors import Die, die
 from unitgen.install import install, uninstall
 from unitgen.ops import logs, roll, scale
-from unitgen.status import collect, table
 from unitgen.render import format_bundle, render_units
 from unitgen.spec import (
-    INTERFACES, AppSpec, default_name, parse_app, parse_cores, parse_env, parse_interface,
-    parse_executable, parse_listen, parse_name, parse_path, parse_seconds, parse_unit, parse_user,
+    INTERFACES,
+    AppSpec,
+    default_name,
+    parse_app,
+    parse_cores,
+    parse_env,
+    parse_executable,
+    parse_interface,
+    parse_listen,
+    parse_name,
+    parse_path,
+    parse_seconds,
+    parse_unit,
+    parse_user,
 )
+from unitgen.status import collect, table
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -160,14 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     uninst.add_argument("name")
     uninst.set_defaults(func=cmd_uninstall)
 
-    rollp = sub.add_parser("roll", parents=[common], help="restart every instance, one at a time, without failing a request")
+    rollp = sub.add_parser("roll", parents=[common],
+                           help="restart every instance, one at a time, without failing a request")
     rollp.add_argument("name")
     rollp.add_argument("--pause", type=float, default=0.0, metavar="SECONDS", help="wait between instances")
     rollp.add_argument("--all-at-once", action="store_true",
                        help="restart every instance together; the socket queues connections meanwhile")
     rollp.set_defaults(func=cmd_roll)
 
-    statusp = sub.add_parser("status", parents=[common], help="one row per instance: state, pid, uptime, memory, requests")
+    statusp = sub.add_parser("status", parents=[common],
+                             help="one row per instance: state, pid, uptime, memory, requests")
     statusp.add_argument("name")
     statusp.add_argument("--json", action="store_true", help="the same as a JSON document (schema in the README)")
     statusp.set_defaults(func=cmd_status)

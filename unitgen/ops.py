@@ -38,7 +38,8 @@ def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False) -> None:
         began = time.monotonic()
         result = systemctl("restart", *units, check=False)
         if result.returncode != 0:
-            failed = [u for u, s in zip(units, show(units, ["ActiveState"])) if s.get("ActiveState") != "active"]
+            states = show(units, ["ActiveState"])
+            failed = [u for u, s in zip(units, states, strict=True) if s.get("ActiveState") != "active"]
             _fail(failed[0] if failed else units[0], result.stderr)
         _say(f"restarted {len(units)} instances together in {time.monotonic() - began:.2f} s")
         return

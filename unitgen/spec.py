@@ -12,8 +12,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from unitgen.escape import check_text
 from unitgen.errors import die
+from unitgen.escape import check_text
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"

@@ -36,7 +36,8 @@ class App:
         self.socket, self.service, self.target = unit_names(self.name)
         target_file = UNIT_DIR / self.target
         if not target_file.exists():
-            die(f"no app named {self.name!r} is installed", hint="install it with `unitgen render ... | sudo unitgen install -`")
+            die(f"no app named {self.name!r} is installed",
+                hint="install it with `unitgen render ... | sudo unitgen install -`")
         if not is_ours(target_file):
             die(f"{target_file} was not written by unitgen", hint="unitgen only manages apps it installed")
         self.app = installed_app(target_file.read_text()) or "?"
@@ -49,7 +50,8 @@ class App:
 
     def loaded(self) -> list[str]:
         """Every instance systemd has loaded now, wanted or not (after a scale down)."""
-        out = systemctl("list-units", "--all", "--plain", "--no-legend", "--type=service", f"{self.name}@*.service").stdout
+        out = systemctl("list-units", "--all", "--plain", "--no-legend", "--type=service",
+                        f"{self.name}@*.service").stdout
         units = {line.split()[0] for line in out.splitlines() if line.strip()}
         return sorted((u for u in units if instance_number(u) >= 0), key=instance_number)
 

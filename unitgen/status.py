@@ -34,7 +34,7 @@ def collect(name: str) -> dict:
     units = sorted(set(wanted) | set(app.loaded()), key=instance_number)
     socket = show([app.socket], ["ActiveState", "Listen"])[0]
     rows = []
-    for unit, props in zip(units, show(units, PROPS) if units else []):
+    for unit, props in zip(units, show(units, PROPS) if units else [], strict=True):
         pid = _int(props.get("MainPID"))
         started = _int(props.get("ExecMainStartTimestampMonotonic"))
         counters = _STATUS.match(props.get("StatusText", ""))
@@ -121,7 +121,8 @@ def _memory(row: dict) -> str:
 
 def table(status: dict) -> str:
     socket = status["socket"]
-    lines = [f"{status['name']} ({status['app']}): socket {socket['unit']} {socket['state']} on {', '.join(socket['listen']) or '-'}"]
+    listen = ", ".join(socket["listen"]) or "-"
+    lines = [f"{status['name']} ({status['app']}): socket {socket['unit']} {socket['state']} on {listen}"]
     header = ("UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "IN-FLIGHT", "NOTE")
     rows = []
     for row in status["instances"]:
@@ -139,5 +140,5 @@ def table(status: dict) -> str:
                      "-" if row["in_flight"] is None else str(row["in_flight"]), "; ".join(note)))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)

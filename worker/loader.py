@@ -32,8 +32,11 @@ def detect_interface(app: Any) -> str:
     """'asgi' when calling the app is a coroutine function, else 'wsgi' (as uvicorn does)."""
     if not callable(app):
         raise ConfigError(f"the app is a {type(app).__name__}, not a WSGI or ASGI callable")
-    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", None)
-    if inspect.isclass(app) or inspect.iscoroutinefunction(call):
+    # A coroutine function (or a partial of one), a class (ASGI 2/3 style), or an object
+    # whose __call__ is a coroutine function (Starlette, FastAPI, Django's ASGIHandler).
+    if inspect.isclass(app) or inspect.iscoroutinefunction(app):
+        return "asgi"
+    if not (inspect.isfunction(app) or inspect.ismethod(app)) and inspect.iscoroutinefunction(type(app).__call__):
         return "asgi"
     return "wsgi"
 

@@ -8,7 +8,6 @@ import socket
 
 from systemd import daemon
 
-
 log = logging.getLogger("unitgen.worker")
 _failing = False
 

@@ -41,7 +41,8 @@ class WorkerServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if not self.started or self.should_exit:
             return
-        supervisor = Supervisor(self, self.state, drain_timeout=self.drain_timeout, watchdog_interval=watchdog_interval())
+        supervisor = Supervisor(self, self.state, drain_timeout=self.drain_timeout,
+                                watchdog_interval=watchdog_interval())
         self.supervisor = asyncio.ensure_future(supervisor.run())
         notify(f"READY=1\nSTATUS={self.state.status()}")
 

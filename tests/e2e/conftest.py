@@ -51,7 +51,8 @@ def box(request: pytest.FixtureRequest, debs: dict[str, Path]):
         _unavailable("the e2e tests boot containers and must run as root")
     if missing_tools():
         _unavailable(f"missing {', '.join(missing_tools())}: apt-get install systemd-container debootstrap util-linux")
-    binds = {str(debs["current"].parent): "/debs", str(HERE / "apps"): "/srv/apps", str(ROOT / "examples"): "/srv/examples",
+    binds = {str(debs["current"].parent): "/debs", str(HERE / "apps"): "/srv/apps",
+             str(ROOT / "examples"): "/srv/examples",
              str(ROOT / "tests/golden"): "/srv/golden"}
     try:
         container = Container(request.param, binds)

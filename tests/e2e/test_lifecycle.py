@@ -213,7 +213,9 @@ def test_on_failure_unit_alerts_on_a_crash_loop_and_on_exit_78(box, deploy, flag
     app = deploy("lifecycle:app", "--cores", "2", "--on-failure", "alert@%n.service")
     flags("fail-startup-1")
     box.run("systemctl", "restart", f"{app.name}@1.service", check=False)
-    alerts = lambda: box.run("cat", f"{FLAGS}/alerts", check=False).stdout.split()
+    def alerts():
+        return box.run("cat", f"{FLAGS}/alerts", check=False).stdout.split()
+
     assert wait_until(lambda: alerts() == [f"{app.name}@1.service"], timeout=10), alerts()
     box.run("rm", f"{FLAGS}/fail-startup-1")
     flags("import-error-1")

@@ -47,7 +47,8 @@ def ensure_rootfs(suite: str) -> Path:
         if current != stamp:
             log = CACHE / f"{suite}.log"
             with open(log, "w") as out:
-                result = subprocess.run([str(HERE / "mkrootfs.sh"), suite, str(rootfs)], stdout=out, stderr=subprocess.STDOUT)
+                result = subprocess.run([str(HERE / "mkrootfs.sh"), suite, str(rootfs)],
+                                        stdout=out, stderr=subprocess.STDOUT)
             if result.returncode != 0:
                 raise TestbedError(f"debootstrap of {suite} failed; see {log}")
     return rootfs
@@ -88,7 +89,8 @@ class Container:
         cmd += [f"--bind-ro={host}:{inside}" for host, inside in self.binds.items()]
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         with open(self.console, "wb") as console:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                                         env=env)
         deadline = time.monotonic() + timeout
         while not self.pid1:
             if self.proc.poll() is not None or time.monotonic() > deadline:

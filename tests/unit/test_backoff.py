@@ -12,7 +12,7 @@ from unitgen_worker import backoff
 def test_delays_start_near_one_second_and_grow_past_thirty():
     delays = [backoff.delay(n) for n in range(0, 10)]
     assert delays[:2] == [0.0, 0.5]
-    assert all(later >= earlier for earlier, later in zip(delays, delays[1:]))
+    assert all(later >= earlier for earlier, later in zip(delays, delays[1:], strict=False))
     assert max(delays) >= 30
     assert backoff.delay(100) == backoff.MAX_DELAY
 
@@ -62,10 +62,12 @@ def test_manual_start_does_not_wait_and_forgets_the_failures(state_dir, n_restar
 
 
 def test_command_line_reads_service_result(tmp_path):
-    code = ("import sys; from unitgen_worker import backoff; backoff.STATE_DIR = __import__('pathlib').Path(sys.argv[1]);"
+    code = ("import sys, pathlib; from unitgen_worker import backoff; backoff.STATE_DIR = pathlib.Path(sys.argv[1]);"
             " sys.exit(backoff.main(sys.argv[2:]))")
-    run = lambda *args, result: subprocess.run([sys.executable, "-c", code, str(tmp_path), *args],
-                                               env={"SERVICE_RESULT": result}, capture_output=True, text=True)
+
+    def run(*args, result):
+        return subprocess.run([sys.executable, "-c", code, str(tmp_path), *args],
+                              env={"SERVICE_RESULT": result}, capture_output=True, text=True)
     assert run("record", "x@0.service", result="core-dump").returncode == 0
     assert '"failures": 1' in (tmp_path / "x@0.service.json").read_text()
     assert run("record", "x@0.service", result="success").returncode == 0

@@ -126,14 +126,15 @@ def test_any_option_value_is_refused_cleanly_or_renders_safe_units(values):
         for unit, text in units.items():
             assert directives(text) == expected_directives(spec)[unit], unit
 
-        exec_start = next(l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith("ExecStart="))
+        service = units[f"{spec.name}@.service"].splitlines()
+        exec_start = next(line for line in service if line.startswith("ExecStart="))
         words = exec_start.removeprefix("ExecStart=").split(" ")
         assert unquote(words[0]) == spec.python and unquote(words[4]) == spec.app
         for helper in ("ExecStartPre=+", "ExecStopPost=+"):
-            line = next(l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith(helper))
+            line = next(line for line in service if line.startswith(helper))
             assert unquote(line.removeprefix(helper).split(" ")[0]) == spec.python
-        env_lines = [l for l in units[f"{spec.name}@.service"].splitlines() if l.startswith("Environment=\"")]
-        assert [unquote(l.removeprefix("Environment="), variables=False) for l in env_lines] == [f"{k}={v}" for k, v in spec.env]
+        env_lines = [line.removeprefix("Environment=") for line in service if line.startswith('Environment="')]
+        assert [unquote(word, variables=False) for word in env_lines] == [f"{k}={v}" for k, v in spec.env]
 
         # verify checks that ExecStart's program exists: give it one at that path,
         # which is always inside the scratch directory.

@@ -6,7 +6,16 @@ from unitgen.cores import cgroup_cpus, cgroup_path, quota_cpus
 from unitgen.errors import Die
 from unitgen.escape import env_assignment, quoted, specifiers
 from unitgen.spec import (
-    default_name, parse_app, parse_executable, parse_unit, parse_cores, parse_env, parse_listen, parse_name, parse_path, parse_user,
+    default_name,
+    parse_app,
+    parse_cores,
+    parse_env,
+    parse_executable,
+    parse_listen,
+    parse_name,
+    parse_path,
+    parse_unit,
+    parse_user,
 )
 
 

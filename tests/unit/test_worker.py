@@ -142,3 +142,26 @@ def test_drains_and_exits_even_when_the_notify_socket_is_gone(activate):
     worker.proc.terminate()
     assert worker.proc.wait(10) == 0
     assert "sd_notify(STATUS) failed" in worker.proc.stderr.read()
+
+
+def test_interface_detection():
+    import functools
+
+    from unitgen_worker.loader import detect_interface
+
+    async def asgi(scope, receive, send):
+        pass
+
+    def wsgi(environ, start_response):
+        pass
+
+    class AsgiApp:
+        async def __call__(self, scope, receive, send):
+            pass
+
+    class WsgiApp:
+        def __call__(self, environ, start_response):
+            pass
+
+    assert [detect_interface(a) for a in (asgi, functools.partial(asgi), AsgiApp(), AsgiApp)] == ["asgi"] * 4
+    assert [detect_interface(a) for a in (wsgi, functools.partial(wsgi), WsgiApp())] == ["wsgi"] * 3
