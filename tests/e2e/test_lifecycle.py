@@ -223,3 +223,14 @@ def test_on_failure_unit_alerts_on_a_crash_loop_and_on_exit_78(box, deploy, flag
     assert wait_until(lambda: len(alerts()) == 2, timeout=10), alerts()
     assert app.show(f"{app.name}@1.service", "ActiveState") == "failed"
     box.run("rm", "-f", "/etc/systemd/system/alert@.service")
+
+
+def test_a_startup_longer_than_the_watchdog_is_not_killed(box, deploy):
+    # The watchdog covers the running instance; startup is bounded by TimeoutStartSec=.
+    app = deploy("slowstart:app", "--cores", "1", "--watchdog", "1")
+    unit = f"{app.name}@0.service"
+    assert app.show(unit, "ActiveState") == "active"
+    assert app.show(unit, "NRestarts") == "0"
+    time.sleep(2.5)  # and once running, the pings keep it alive
+    assert app.show(unit, "NRestarts") == "0"
+    assert requests.get(app.url, timeout=5).status_code == 200
