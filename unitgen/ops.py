@@ -40,7 +40,7 @@ def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False) -> None:
         if result.returncode != 0:
             states = show(units, ["ActiveState"])
             failed = [u for u, s in zip(units, states, strict=True) if s.get("ActiveState") != "active"]
-            _fail(failed[0] if failed else units[0], result.stderr)
+            _fail(failed[0] if failed else units[0])
         _say(f"restarted {len(units)} instances together in {time.monotonic() - began:.2f} s")
         return
     for position, unit in enumerate(units, 1):
@@ -48,7 +48,7 @@ def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False) -> None:
         result = systemctl("restart", unit, check=False)
         took = time.monotonic() - began
         if result.returncode != 0:
-            _fail(unit, result.stderr, done=position - 1, total=len(units))
+            _fail(unit, done=position - 1, total=len(units))
         pid = show([unit], ["MainPID"])[0].get("MainPID", "?")
         _say(f"[{position}/{len(units)}] {unit} ready in {took:.2f} s (pid {pid})")
         if pause and position < len(units):
@@ -56,7 +56,7 @@ def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False) -> None:
     _say(f"rolled {len(units)} instances of {app.name}")
 
 
-def _fail(unit: str, stderr: str, *, done: int = 0, total: int = 0) -> None:
+def _fail(unit: str, *, done: int = 0, total: int = 0) -> None:
     left = f"; {total - done - 1} instances not restarted still run the old code" if total else ""
     _say(f"{unit} did not become ready{left}. Its journal:\n{_journal_tail(unit)}")
     die(f"roll stopped at {unit}: it did not become ready",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib import resources
 
@@ -21,6 +22,7 @@ BUNDLE_HEADER = "# unitgen bundle 1: install with `sudo unitgen install -`"
 _SECTION = re.compile(r"==> (\S+) <==")
 
 
+@functools.cache
 def _environment() -> jinja2.Environment:
     loader = jinja2.FileSystemLoader(str(resources.files("unitgen.units")))
     env = jinja2.Environment(

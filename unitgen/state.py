@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from unitgen.errors import die
-from unitgen.install import BACKOFF_DIR, UNIT_DIR, is_ours
+from unitgen.install import UNIT_DIR, is_ours
 from unitgen.render import installed_app, unit_names
 from unitgen.run import systemctl
 from unitgen.spec import parse_name
@@ -54,6 +53,3 @@ class App:
                         f"{self.name}@*.service").stdout
         units = {line.split()[0] for line in out.splitlines() if line.strip()}
         return sorted((u for u in units if instance_number(u) >= 0), key=instance_number)
-
-    def backoff(self, unit: str) -> Path:
-        return BACKOFF_DIR / f"{unit}.json"

@@ -12,12 +12,12 @@ The --json document (schema 1; fields are only ever added):
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from datetime import datetime, timezone
 
 from unitgen.state import App, instance_number, show
+from unitgen_worker.backoff import load as load_backoff
 
 _STATUS = re.compile(r"\w+: (\d+) requests, (\d+) in flight")
 PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent",
@@ -38,7 +38,7 @@ def collect(name: str) -> dict:
         pid = _int(props.get("MainPID"))
         started = _int(props.get("ExecMainStartTimestampMonotonic"))
         counters = _STATUS.match(props.get("StatusText", ""))
-        backoff = _read_backoff(app, unit)
+        backoff = load_backoff(unit)
         running = props.get("ActiveState") in ("active", "reloading", "deactivating") and pid
         rows.append({
             "unit": unit,
@@ -73,13 +73,6 @@ def _rss(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _read_backoff(app: App, unit: str) -> dict:
-    try:
-        return json.loads(app.backoff(unit).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _next_attempt(backoff: dict) -> str | None:
