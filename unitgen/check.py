@@ -7,7 +7,8 @@ import os
 from unitgen.errors import die
 from unitgen.run import run
 from unitgen.spec import AppSpec
-from unitgen_worker.exitcodes import EXIT_CONFIG
+from unitgen.trust import NOBODY
+from unitgen_worker.contract import EXIT_CONFIG, WorkerConfig, worker_argv
 
 
 def check_app(spec: AppSpec) -> str:
@@ -18,8 +19,13 @@ def check_app(spec: AppSpec) -> str:
         die(f"--python {spec.python} is not an executable file",
             hint="give the interpreter, e.g. /srv/app/.venv/bin/python")
     env = {**os.environ, **dict(spec.env)}
-    cmd = [spec.python, "-m", "unitgen_worker", "--check", "--app", spec.app, "--interface", spec.interface]
-    result = run(cmd, cwd=spec.workdir, env=env, check=False, timeout=120)
+    cmd = worker_argv(spec.python, WorkerConfig(app=spec.app, interface=spec.interface, check=True))
+    # As root, importing the app would run code its user can write (the module, a .pth
+    # in its virtualenv) with root's rights: run it as the app's user, or as nobody for
+    # a dynamic user, which is what the instances see anyway.
+    as_user = (spec.user if spec.user and not spec.user.isdigit() else int(spec.user or NOBODY)) \
+        if os.geteuid() == 0 else None
+    result = run(cmd, cwd=spec.workdir, env=env, check=False, timeout=120, user=as_user)
     lines = result.stderr.strip().splitlines()
     if result.returncode == 0:
         return result.stdout.strip()

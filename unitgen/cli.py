@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -14,17 +13,21 @@ from unitgen import __version__, run
 from unitgen.check import check_app
 from unitgen.cores import usable_cpus
 from unitgen.errors import Die, die
-from unitgen.install import install, uninstall
+from unitgen.install import install, uninstall, write_files
 from unitgen.ops import logs, roll, scale
-from unitgen.render import format_bundle, render_units
+from unitgen.render import format_bundle, render_files
 from unitgen.spec import (
+    HARDENING,
     INTERFACES,
     AppSpec,
+    check_root_safe_env,
     default_name,
     parse_app,
+    parse_cidr,
     parse_cores,
     parse_env,
     parse_executable,
+    parse_hardening,
     parse_interface,
     parse_listen,
     parse_name,
@@ -33,7 +36,9 @@ from unitgen.spec import (
     parse_unit,
     parse_user,
 )
+from unitgen.state import App
 from unitgen.status import collect, table
+from unitgen_worker.contract import DRAIN_TIMEOUT, WATCHDOG
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -49,6 +54,9 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
     if len(set(listen)) != len(listen):
         die("--listen names the same address twice", hint="give each address once")
     env = tuple(parse_env(value) for value in args.env)
+    on_failure = parse_unit("--on-failure", args.on_failure) if args.on_failure is not None else None
+    if on_failure:
+        check_root_safe_env(env)
     return AppSpec(
         name=parse_name(args.name if args.name is not None else default_name(app)),
         app=app,
@@ -61,44 +69,58 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         interface=parse_interface(args.interface),
         watchdog=parse_seconds("--watchdog", args.watchdog, minimum=0),
         drain_timeout=parse_seconds("--drain-timeout", args.drain_timeout, minimum=1),
-        on_failure=parse_unit("--on-failure", args.on_failure) if args.on_failure is not None else None,
+        on_failure=on_failure,
+        writable=tuple(parse_path("--writable", value) for value in args.writable),
+        hardening=parse_hardening(args.hardening),
+        allow=tuple(parse_cidr("--allow", value) for value in args.allow),
+        deny=tuple(parse_cidr("--deny", value) for value in args.deny),
+        helper_python=parse_executable("--helper-python", args.helper_python or sys.executable),
     )
 
 
-def write_out(units: dict[str, str], out: str) -> None:
-    """Write the units into OUT through a scratch directory beside it."""
+def write_out(files: dict[str, str], out: str) -> None:
+    """Write the files into directory OUT (created if missing), each through a rename."""
     target = Path(out)
     if target.exists() and not target.is_dir():
         die(f"--out {out} exists and is not a directory", hint="give a directory")
-    parent = target.absolute().parent
-    if not parent.is_dir():
-        die(f"--out {out}: {parent} does not exist", hint="create it first")
-    scratch = Path(tempfile.mkdtemp(prefix=".unitgen-", dir=parent))
-    for unit, text in units.items():
-        (scratch / unit).write_text(text)
-        (scratch / unit).chmod(0o644)
-    if not target.exists():
-        scratch.rename(target)
-        return
-    for unit in units:
-        os.replace(scratch / unit, target / unit)
-    scratch.rmdir()
+    if not target.absolute().parent.is_dir():
+        die(f"--out {out}: {target.absolute().parent} does not exist", hint="create it first")
+    target.mkdir(exist_ok=True)
+    write_files(files, target)
+
+
+def spec_from_file(source: str) -> AppSpec:
+    """A saved spec (`unitgen show NAME`), from a file or '-' for standard input."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        die(f"cannot read --spec {source}: {getattr(err, 'strerror', None) or err}",
+            hint="give the file `unitgen show NAME` wrote, or - for standard input")
+    return AppSpec.from_json(text, source)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args)
+    if (args.spec is None) == (args.app is None):
+        die("render needs either --app (with its options) or --spec FILE",
+            hint="`unitgen render --app myapp:app ...`, or `unitgen show NAME | unitgen render --spec -`")
+    spec = spec_from_file(args.spec) if args.spec is not None else spec_from_args(args)
     if args.check:
         check_app(spec)
-    units = render_units(spec)
+    files = render_files(spec)
     if args.out:
-        write_out(units, args.out)
+        write_out(files, args.out)
     else:
-        sys.stdout.write(format_bundle(units))
+        sys.stdout.write(format_bundle(files))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(App(args.name).spec.to_json())
     return 0
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    name = install(args.source, start=not args.no_start)
+    name = install(args.source, start=not args.no_start, replace=args.replace)
     state = "installed" if args.no_start else "installed and started"
     print(f"{name}: {state}; see `systemctl status {name}.target`", file=sys.stderr)
     return 0
@@ -143,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     render = sub.add_parser("render", parents=[common], help="render the systemd units of an app")
-    render.add_argument("--app", required=True, help="MODULE:ATTR of the WSGI or ASGI app")
+    render.add_argument("--app", help="MODULE:ATTR of the WSGI or ASGI app (required unless --spec)")
+    render.add_argument("--spec", metavar="FILE",
+                        help="render from a saved spec (`unitgen show NAME`; - for standard input) instead")
     render.add_argument("--name", help="unit name (default: the app's top-level module)")
     render.add_argument("--cores", default="auto", help="instances: auto (usable CPUs) or N (default auto)")
     render.add_argument("--listen", action="append", metavar="ADDR",
@@ -153,11 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment; repeatable")
     render.add_argument("--user", help="run the instances as this user")
     render.add_argument("--interface", default="auto", choices=INTERFACES, help="app interface (default: detect)")
-    render.add_argument("--watchdog", default="10", metavar="SECONDS",
-                        help="kill and restart an instance whose event loop is stuck this long; 0: off (default 10)")
-    render.add_argument("--drain-timeout", default="30", metavar="SECONDS",
-                        help="time in-flight requests get on stop before connections are closed (default 30)")
+    render.add_argument("--watchdog", default=str(WATCHDOG), metavar="SECONDS",
+                        help=f"kill and restart an instance whose event loop is stuck this long; 0: off "
+                             f"(default {WATCHDOG})")
+    render.add_argument("--drain-timeout", default=str(DRAIN_TIMEOUT), metavar="SECONDS",
+                        help=f"time in-flight requests get on stop before connections are closed "
+                             f"(default {DRAIN_TIMEOUT})")
     render.add_argument("--on-failure", metavar="UNIT", help="unit to start when an instance fails (alerting)")
+    render.add_argument("--writable", action="append", default=[], metavar="PATH",
+                        help="a path the app may write besides its state directory; repeatable")
+    render.add_argument("--hardening", default="strict", choices=HARDENING,
+                        help="sandbox: strict (default) or relaxed (see the README)")
+    render.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                        help="serve only clients from this address or network; repeatable")
+    render.add_argument("--deny", action="append", default=[], metavar="CIDR",
+                        help="refuse clients from this address or network; repeatable")
+    render.add_argument("--helper-python", metavar="PATH",
+                        help="root-owned interpreter with unitgen that runs the --on-failure alert helper as root "
+                             "(default: the one running unitgen)")
     render.add_argument("--out", help="write the unit files into this directory instead of a bundle on stdout")
     render.add_argument("--no-check", dest="check", action="store_false",
                         help="do not import the app with --python in --workdir to check it")
@@ -166,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     inst = sub.add_parser("install", parents=[common], help="install, enable and start rendered units")
     inst.add_argument("source", nargs="?", default="-", help="bundle file, --out directory, or - (default)")
     inst.add_argument("--no-start", action="store_true", help="install and enable, but start nothing")
+    inst.add_argument("--replace", action="store_true",
+                      help="install over an app of the same name with another --app or --workdir")
     inst.set_defaults(func=cmd_install)
 
     uninst = sub.add_parser("uninstall", parents=[common], help="stop, disable and remove an app's units")
@@ -179,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollp.add_argument("--all-at-once", action="store_true",
                        help="restart every instance together; the socket queues connections meanwhile")
     rollp.set_defaults(func=cmd_roll)
+
+    showp = sub.add_parser("show", parents=[common], help="print the spec install saved (JSON)")
+    showp.add_argument("name")
+    showp.set_defaults(func=cmd_show)
 
     statusp = sub.add_parser("status", parents=[common],
                              help="one row per instance: state, pid, uptime, memory, requests")

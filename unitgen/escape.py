@@ -34,7 +34,16 @@ def quoted(value: str) -> str:
     return '"' + specifiers(value).replace("$", "$$") + '"'
 
 
+def _word(text: str) -> str:
+    """One double-quoted word where systemd unquotes and expands specifiers, not $."""
+    return '"' + specifiers(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
 def env_assignment(key: str, value: str) -> str:
     """A double-quoted KEY=VALUE word for Environment= (no $ expansion there)."""
-    text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + specifiers(text) + '"'
+    return _word(f"{key}={value}")
+
+
+def path_word(path: str) -> str:
+    """One path in a list such as ReadWritePaths= (space-separated, quotes allowed)."""
+    return _word(path)

@@ -8,16 +8,23 @@ import tempfile
 from pathlib import Path
 
 from unitgen.errors import die
-from unitgen.render import MARKER, check_units, parse_bundle, unit_names
+from unitgen.render import MARKER, check_files, parse_bundle, spec_file, unit_names
 from unitgen.run import run, systemctl
-from unitgen.spec import parse_name
-from unitgen_worker.backoff import STATE_DIR as BACKOFF_DIR
+from unitgen.spec import AppSpec, parse_name
+from unitgen.trust import helper_problem
+from unitgen_worker.contract import ALERT_STATE_DIR, instance_unit, instances_pattern
 
 UNIT_DIR = Path("/etc/systemd/system")
+# systemd's search path when `systemd-analyze unit-paths` cannot say (systemd 252/257).
+_FALLBACK_PATHS = ("/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
+                   "/run/systemd/generator.early", "/etc/systemd/system", "/etc/systemd/system.attached",
+                   "/run/systemd/system", "/run/systemd/system.attached", "/run/systemd/generator",
+                   "/usr/local/lib/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system",
+                   "/run/systemd/generator.late")
 
 
-def read_units(source: str) -> dict[str, str]:
-    """Units from a bundle file, standard input ('-') or an --out directory."""
+def read_files(source: str) -> tuple[AppSpec, dict[str, str]]:
+    """The spec and units from a bundle file, standard input ('-') or an --out directory."""
     if source == "-":
         if sys.stdin.isatty():
             die("install - reads a bundle on standard input, but it is a terminal",
@@ -26,8 +33,8 @@ def read_units(source: str) -> dict[str, str]:
     path = Path(source)
     try:
         if path.is_dir():
-            units = {p.name: p.read_text() for p in sorted(path.iterdir()) if p.is_file()}
-            return check_units(units, str(path))
+            files = {p.name: p.read_text() for p in sorted(path.iterdir()) if p.is_file()}
+            return check_files(files, str(path))
         return parse_bundle(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError) as err:
         die(f"cannot read {source}: {err.strerror if isinstance(err, OSError) else err}",
@@ -35,11 +42,64 @@ def read_units(source: str) -> dict[str, str]:
 
 
 def is_ours(path: Path) -> bool:
+    """A regular file (not a link) whose first line is unitgen's marker."""
     try:
-        with path.open() as f:
-            return f.readline().startswith(MARKER)
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
+    with os.fdopen(fd) as f:
+        try:
+            return f.readline().startswith(MARKER)
+        except UnicodeDecodeError:
+            return False
+
+
+def unit_search_path() -> list[Path]:
+    result = run(["systemd-analyze", "unit-paths"], check=False)
+    paths = result.stdout.split() if result.returncode == 0 else []
+    return [Path(p) for p in (paths or _FALLBACK_PATHS)]
+
+
+def foreign_units(name: str) -> list[Path]:
+    """Every unit file of name's units anywhere in systemd's search path that install
+    did not write: NAME.socket/.target/.service, NAME@.service and NAME@N.service.
+    unitgen writes only the first three of its own, and only to UNIT_DIR."""
+    socket, service, target = unit_names(name)
+    ours = {socket, service, target}
+    found = []
+    for directory in unit_search_path():
+        for pattern in (socket, target, f"{name}.service", service, instances_pattern(name)):
+            for path in sorted(directory.glob(pattern)) if directory.is_dir() else []:
+                if not (directory == UNIT_DIR and path.name in ours and is_ours(path)):
+                    found.append(path)
+    return found
+
+
+def installed_spec(name: str) -> AppSpec | None:
+    path = UNIT_DIR / spec_file(name)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        die(f"cannot read {path}: {err.strerror}")
+    return AppSpec.from_json(text, str(path))
+
+
+def check_target(spec: AppSpec, *, replace: bool) -> None:
+    """Refuse to touch what is not this app's: system units, another app's units."""
+    foreign = foreign_units(spec.name)
+    if foreign:
+        die(f"{foreign[0]} exists and was not written by unitgen; {spec.name!r} would shadow or clash with it",
+            hint="choose another --name")
+    installed = installed_spec(spec.name)
+    if installed and (installed.app, installed.workdir) != (spec.app, spec.workdir) and not replace:
+        die(f"{spec.name!r} is installed for {installed.app} in {installed.workdir}, not {spec.app} in "
+            f"{spec.workdir}", hint="choose another --name, or pass --replace to install over it")
+    if spec.on_failure and (problem := helper_problem(spec.helper_python, spec.user)):
+        die(f"{problem}; root runs it at every failure (--on-failure)",
+            hint="install unitgen as root (apt-get install unitgen) and render with it, "
+                 "or give --helper-python a root-owned interpreter that has unitgen_worker")
 
 
 def verify(units: dict[str, str]) -> None:
@@ -56,44 +116,52 @@ def verify(units: dict[str, str]) -> None:
             die(f"the units do not verify: {first}", hint="render them again on this host with `unitgen render`")
 
 
-def write_units(units: dict[str, str], unit_dir: Path = UNIT_DIR) -> None:
-    """Each unit is written to a scratch directory beside its target, then renamed."""
-    for unit in units:
-        target = unit_dir / unit
-        if target.exists() and not is_ours(target):
-            die(f"{target} exists and was not written by unitgen",
-                hint="choose another --name, or remove that unit yourself")
-    scratch = Path(tempfile.mkdtemp(prefix=".unitgen-", dir=unit_dir))
+def write_files(files: dict[str, str], directory: Path, *, mode: int = 0o644) -> None:
+    """Write files into directory through a scratch directory beside them, then rename:
+    a reader sees the old file or the new one, never half of one."""
+    scratch = Path(tempfile.mkdtemp(prefix=".unitgen-", dir=directory))
     try:
-        for unit, text in units.items():
-            with (scratch / unit).open("w") as f:
+        for name, text in files.items():
+            with (scratch / name).open("w") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            (scratch / unit).chmod(0o644)
-        for unit in units:
-            os.replace(scratch / unit, unit_dir / unit)
+            (scratch / name).chmod(mode)
+        for name in files:
+            os.replace(scratch / name, directory / name)
     finally:
         for leftover in scratch.iterdir():
             leftover.unlink()
         scratch.rmdir()
 
 
-def install(source: str, *, start: bool) -> str:
-    units = read_units(source)
+def filters_clients(socket: str) -> bool:
+    """Whether systemd applies the socket's IPAddressAllow=/Deny= (its IP counters run)."""
+    value = systemctl("show", "-p", "IPIngressBytes", "--value", socket).stdout.strip()
+    return value.isdigit() and int(value) < 2**64 - 1
+
+
+def install(source: str, *, start: bool, replace: bool = False) -> str:
+    spec, units = read_files(source)
+    check_target(spec, replace=replace)
     verify(units)
     socket, _, target = units
-    name = socket.removesuffix(".socket")
-    write_units(units)
+    # The spec last: it is the truth later commands read, so it names only units in place.
+    write_files({**units, spec_file(spec.name): spec.to_json()}, UNIT_DIR)
     systemctl("daemon-reload")
     systemctl("enable", "--quiet", socket, target)
     if start:
         # The socket first: connections queue in the kernel while instances start.
         systemctl("start", socket)
+        if (spec.allow or spec.deny) and not filters_clients(socket):
+            uninstall(spec.name)
+            die("systemd on this host cannot filter clients by address (no BPF firewall: needs cgroup v2 and "
+                "bpf()), so --allow/--deny would do nothing; nothing was installed",
+                hint="filter clients in a firewall (nftables) or on the balancer instead, and render without them")
         # A target waits for the Type=notify instances it wants: this returns once
         # every instance has sent READY=1, or fails naming the unit that did not.
         systemctl("start", target)
-    return name
+    return spec.name
 
 
 def uninstall(name: str) -> None:
@@ -106,15 +174,18 @@ def uninstall(name: str) -> None:
         if path.exists() and not is_ours(path):
             die(f"{path} was not written by unitgen", hint="remove it yourself if it is no longer wanted")
     socket, service, target = units
-    instances = service.replace("@.", "@*.")
+    instances = instances_pattern(name)
     # One transaction: stopping the instances first would let a new connection on
     # the socket start NAME@0 again (Service=), and the port stays open meanwhile.
     systemctl("stop", socket, target, instances)
+    # The restart backoff's files (RuntimeDirectory=, preserved across stops) go with
+    # the app; systemd removes them, links and DynamicUser= copies included. The app's
+    # own data (StateDirectory=) stays, as apt's remove keeps configuration.
+    systemctl("clean", "--what=runtime", instance_unit(name, 0), check=False)
     systemctl("disable", "--quiet", socket, target, check=False)
-    for path in paths:
+    for path in [*paths, UNIT_DIR / spec_file(name)]:
         path.unlink(missing_ok=True)
-    # The restart backoff's counts (worker/backoff.py) go with the app.
-    for state in BACKOFF_DIR.glob(f"{name}@*.service.json"):
+    for state in ALERT_STATE_DIR.glob(f"{instances_pattern(name)}.json"):
         state.unlink(missing_ok=True)
     systemctl("daemon-reload")
     systemctl("reset-failed", socket, instances, check=False)

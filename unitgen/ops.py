@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from datetime import datetime
 
 from unitgen.errors import die
-from unitgen.install import write_units
-from unitgen.render import render_target
+from unitgen.install import UNIT_DIR, write_files
+from unitgen.render import render_files, spec_file
 from unitgen.run import log, run, stream, systemctl
 from unitgen.state import App, show
+from unitgen_worker.contract import instances_pattern
 
 
 def _say(message: str) -> None:
@@ -66,9 +68,12 @@ def _fail(unit: str, *, done: int = 0, total: int = 0) -> None:
 def scale(name: str, count: int) -> None:
     """Run exactly count instances from now on: the target is re-rendered to want them."""
     app = App(name)
-    write_units({app.target: render_target(app.name, app.app, count)})
+    spec = dataclasses.replace(app.spec, instances=count)
+    files = render_files(spec)
+    # The target and the saved spec change; the spec last, as install does.
+    write_files({app.target: files[app.target], spec_file(app.name): files[spec_file(app.name)]}, UNIT_DIR)
     systemctl("daemon-reload")
-    wanted = {f"{app.name}@{i}.service" for i in range(count)}
+    wanted = set(spec.instance_names)
     extra = [u for u in app.loaded() if u not in wanted]
     if extra:
         # Each drains: its requests finish and its clients move to the instances kept.
@@ -96,7 +101,7 @@ def logs(name: str, *, follow: bool = False, lines: int = 50) -> int:
     """Every instance's journal (and the socket's), interleaved, each line tagged."""
     app = App(name)
     cmd = ["journalctl", "--no-pager", "-o", "json", "-n", str(lines),
-           "-u", f"{app.name}@*.service", "-u", app.socket]
+           "-u", instances_pattern(app.name), "-u", app.socket]
     if follow:
         cmd.append("-f")
     with stream(cmd) as out:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import shlex
 import subprocess
 import sys
@@ -26,16 +28,25 @@ def run(
     env: Mapping[str, str] | None = None,
     input: str | None = None,
     timeout: float | None = None,
+    user: int | str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run cmd, capturing its output; with check, a failure stops unitgen with its last line."""
-    log(f"+ {shlex.join(cmd)}")
+    """Run cmd, capturing its output; with check, a failure stops unitgen with its last line.
+
+    user: run it as that user, with that user's groups (root only).
+    """
+    log(f"+ {shlex.join(cmd)}" + (f"  (as {user})" if user is not None else ""))
+    as_user = {} if user is None else _credentials(user)
     try:
         result = subprocess.run(
             list(cmd), cwd=cwd, env=env, input=input, text=True, timeout=timeout,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user,
         )
     except FileNotFoundError:
         die(f"{cmd[0]} is not installed or not on PATH", hint="install it, or run unitgen on a host with systemd")
+    except PermissionError:
+        who = f"user {user}" if user is not None else "this user"
+        die(f"{cmd[0]} cannot be run by {who} (permission denied)",
+            hint="the instances run as that user: make the interpreter and --workdir readable by it")
     except subprocess.TimeoutExpired:
         die(f'"{shlex.join(cmd)}" did not finish within {timeout} s')
     if result.stdout:
@@ -47,6 +58,16 @@ def run(
         detail = f": {last[-1]}" if last else ""
         die(f'"{shlex.join(cmd)}" returned non-zero exit code {result.returncode}{detail}')
     return result
+
+
+def _credentials(user: int | str) -> dict:
+    """subprocess arguments for user's uid, primary group and other groups (as login gives)."""
+    try:
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    except KeyError:
+        die(f"user {user} does not exist", hint="create it, or give --user an existing user")
+    return {"user": entry.pw_uid, "group": entry.pw_gid,
+            "extra_groups": os.getgrouplist(entry.pw_name, entry.pw_gid)}
 
 
 def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -7,13 +7,16 @@ without passing through one of them.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from unitgen.errors import die
 from unitgen.escape import check_text
+from unitgen_worker.contract import instance_unit
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
@@ -28,6 +31,28 @@ _UNIT_PART = r"(?:[A-Za-z0-9_.:-]|%[nNip])+"
 _UNIT = re.compile(rf"(?=.{{1,200}}$){_UNIT_PART}(?:@{_UNIT_PART})?\.(?:service|target)")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
 INTERFACES = ("auto", "asgi", "wsgi")
+HARDENING = ("strict", "relaxed")
+# systemd.special(7): names whose units the whole boot relies on. An app named so would
+# write NAME.target or NAME.socket over them.
+RESERVED_NAMES = frozenset({
+    "basic", "blockdev", "bluetooth", "boot-complete", "cryptsetup", "cryptsetup-pre", "ctrl-alt-del",
+    "default", "emergency", "exit", "factory-reset", "final", "first-boot-complete", "getty", "getty-pre",
+    "graphical", "halt", "hibernate", "hybrid-sleep", "initrd", "initrd-fs", "initrd-root-device",
+    "initrd-root-fs", "initrd-switch-root", "initrd-usr-fs", "integritysetup", "kbrequest", "kexec",
+    "local-fs", "local-fs-pre", "machines", "multi-user", "network", "network-online", "network-pre",
+    "nss-lookup", "nss-user-lookup", "paths", "poweroff", "printer", "reboot", "remote-cryptsetup",
+    "remote-fs", "remote-fs-pre", "rescue", "rpcbind", "shutdown", "sigpwr", "sleep", "slices", "smartcard",
+    "sockets", "sound", "suspend", "suspend-then-hibernate", "swap", "sysinit", "system-update",
+    "system-update-pre", "time-set", "time-sync", "timers", "tpm2", "umount", "usb", "user", "veritysetup",
+})
+# Variables that glibc or its loader act on before Python starts (its list of unsecure
+# variables, plus TZ naming a file). The instances' Environment= also reaches the root
+# alert helper, so these are refused whenever that helper is rendered (--on-failure).
+ROOT_UNSAFE_ENV = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE",
+    "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR",
+})
+SPEC_SCHEMA = 1
 MAX_INSTANCES = 1024
 # sun_path holds 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -49,10 +74,86 @@ class AppSpec:
     watchdog: int = 10  # WatchdogSec=; 0 turns the watchdog off
     drain_timeout: int = 30  # seconds in-flight requests get after SIGTERM
     on_failure: str | None = None  # OnFailure= unit, e.g. an alerting service
+    writable: tuple[str, ...] = ()  # ReadWritePaths= beside the state directory
+    hardening: str = "strict"  # or "relaxed": the documented escape hatch
+    allow: tuple[str, ...] = ()  # IPAddressAllow= on the socket: the clients served
+    deny: tuple[str, ...] = ()  # IPAddressDeny= on the socket
+    # The interpreter of unitgen's own installation: it runs the root alert helper
+    # (only with on_failure), so install checks it is owned by root.
+    helper_python: str = "/usr/bin/python3"
 
     @property
     def instance_names(self) -> list[str]:
-        return [f"{self.name}@{i}.service" for i in range(self.instances)]
+        return [instance_unit(self.name, i) for i in range(self.instances)]
+
+    @property
+    def dynamic_user(self) -> str:
+        """The DynamicUser= name without --user: never an existing system user's name.
+
+        Without User=, systemd would name the dynamic user after the unit's prefix,
+        and use a static user of that name if one exists (--name postgres would run as
+        postgres). "unitgen-NAME" where it is a valid user name, else a hash of NAME.
+        """
+        candidate = f"unitgen-{self.name}"
+        if len(candidate) <= 31 and re.fullmatch(r"[a-z_][a-z0-9_-]*", candidate):
+            return candidate
+        return "unitgen-" + hashlib.sha256(self.name.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        """The saved form install keeps beside the units; from_json reads it back."""
+        return json.dumps({"schema": SPEC_SCHEMA, **asdict(self)}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> AppSpec:
+        """Every field through its parser again: a saved or piped spec is input like any other."""
+        hint = "render it again with `unitgen render`"
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            die(f"{source} is not valid JSON: {err}", hint=hint)
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or data.get("schema") != SPEC_SCHEMA or not known >= set(data) - {"schema"}:
+            die(f"{source} is not a unitgen spec of schema {SPEC_SCHEMA}", hint=hint)
+        try:
+            return validated(cls(**{k: v for k, v in data.items() if k != "schema"}))
+        except (TypeError, ValueError, AttributeError) as err:
+            die(f"{source} has a malformed spec: {err}", hint=hint)
+
+
+def validated(spec: AppSpec) -> AppSpec:
+    """spec with every value passed through its parser (they raise Die on bad input)."""
+    def strings(values, what):
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{what} is not a list of strings")
+        return tuple(values)
+
+    env = tuple(parse_env(f"{k}={v}") for k, v in (tuple(pair) for pair in spec.env))
+    on_failure = parse_unit("--on-failure", spec.on_failure) if spec.on_failure is not None else None
+    if on_failure:
+        check_root_safe_env(env)
+    for what, value in (("instances", spec.instances), ("watchdog", spec.watchdog),
+                        ("drain_timeout", spec.drain_timeout)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{what} is not a whole number")
+    return AppSpec(
+        name=parse_name(spec.name),
+        app=parse_app(spec.app),
+        instances=parse_cores(str(spec.instances), usable=1, what="instances"),
+        listen=tuple(parse_listen(v) for v in strings(spec.listen, "listen")),
+        workdir=parse_path("--workdir", spec.workdir),
+        python=parse_executable("--python", spec.python),
+        env=env,
+        user=parse_user(spec.user) if spec.user is not None else None,
+        interface=parse_interface(spec.interface),
+        watchdog=parse_seconds("--watchdog", str(spec.watchdog), minimum=0),
+        drain_timeout=parse_seconds("--drain-timeout", str(spec.drain_timeout), minimum=1),
+        on_failure=on_failure,
+        writable=tuple(parse_path("--writable", v) for v in strings(spec.writable, "writable")),
+        hardening=parse_hardening(spec.hardening),
+        allow=tuple(parse_cidr("--allow", v) for v in strings(spec.allow, "allow")),
+        deny=tuple(parse_cidr("--deny", v) for v in strings(spec.deny, "deny")),
+        helper_python=parse_executable("--helper-python", spec.helper_python),
+    )
 
 
 def parse_app(value: str) -> str:
@@ -75,6 +176,9 @@ def parse_name(value: str) -> str:
     check_text("--name", value, hint=hint)
     if not _NAME.fullmatch(value) or ".." in value or value.endswith("."):
         die(f"--name {value!r} is not a valid unit name", hint=hint)
+    if value in RESERVED_NAMES or value.startswith("systemd-"):
+        die(f"--name {value!r} is one of systemd's own unit names",
+            hint="choose a name of the app's own, for example --name shop-api")
     return value
 
 
@@ -157,6 +261,34 @@ def parse_user(value: str) -> str:
     if not _USER.fullmatch(value):
         die(f"--user {value!r} is not a valid user name", hint=hint)
     return value
+
+
+def check_root_safe_env(env: tuple[tuple[str, str], ...]) -> None:
+    hint = ("--on-failure runs a helper as root, and the instances' environment reaches it; "
+            "set this variable in the app itself, or drop --on-failure")
+    for key, value in env:
+        if key.startswith("LD_") or key in ROOT_UNSAFE_ENV:
+            die(f"--env {key} acts on programs before they start", hint=hint)
+        if key == "TZ" and (value.lstrip(":").startswith("/") or ".." in value):
+            die(f"--env TZ={value!r} names a file", hint=hint + ", or give TZ as a zone name such as Europe/Paris")
+
+
+def parse_hardening(value: str) -> str:
+    if value not in HARDENING:
+        die(f"--hardening {value!r} is unknown", hint="use strict (the default) or relaxed")
+    return value
+
+
+def parse_cidr(flag: str, value: str) -> str:
+    """An IP address or network for IPAddressAllow=/IPAddressDeny=, normalised."""
+    hint = f"give {flag} as an address or network such as 10.0.0.0/8, 192.0.2.7 or ::1, or any, localhost"
+    check_text(flag, value, hint=hint)
+    if value in ("any", "localhost", "link-local", "multicast"):
+        return value
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        die(f"{flag} {value!r} is not an IP address or network", hint=hint)
 
 
 def parse_interface(value: str) -> str:

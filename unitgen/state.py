@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 from unitgen.errors import die
-from unitgen.install import UNIT_DIR, is_ours
-from unitgen.render import installed_app, unit_names
+from unitgen.install import UNIT_DIR, installed_spec, is_ours
+from unitgen.render import unit_names
 from unitgen.run import systemctl
-from unitgen.spec import parse_name
+from unitgen.spec import AppSpec, parse_name
+from unitgen_worker.contract import instances_pattern
 
 _INSTANCE = re.compile(r".+@(\d+)\.service")
 
@@ -39,7 +40,12 @@ class App:
                 hint="install it with `unitgen render ... | sudo unitgen install -`")
         if not is_ours(target_file):
             die(f"{target_file} was not written by unitgen", hint="unitgen only manages apps it installed")
-        self.app = installed_app(target_file.read_text()) or "?"
+        spec = installed_spec(self.name)
+        if spec is None:
+            die(f"{self.name!r} has no saved spec; it was installed by unitgen 0.1",
+                hint="render and install it again with this unitgen")
+        self.spec: AppSpec = spec
+        self.app = spec.app
 
     def wanted(self) -> list[str]:
         """The instances the target wants, by number: what runs after a reboot."""
@@ -50,6 +56,6 @@ class App:
     def loaded(self) -> list[str]:
         """Every instance systemd has loaded now, wanted or not (after a scale down)."""
         out = systemctl("list-units", "--all", "--plain", "--no-legend", "--type=service",
-                        f"{self.name}@*.service").stdout
+                        instances_pattern(self.name)).stdout
         units = {line.split()[0] for line in out.splitlines() if line.strip()}
         return sorted((u for u in units if instance_number(u) >= 0), key=instance_number)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 from unitgen.state import App, instance_number, show
 from unitgen_worker.backoff import load as load_backoff
+from unitgen_worker.contract import RUNTIME_ROOT, backoff_file
 
 _STATUS = re.compile(r"\w+: (\d+) requests, (\d+) in flight")
 PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent",
@@ -38,7 +39,8 @@ def collect(name: str) -> dict:
         pid = _int(props.get("MainPID"))
         started = _int(props.get("ExecMainStartTimestampMonotonic"))
         counters = _STATUS.match(props.get("StatusText", ""))
-        backoff = load_backoff(unit)
+        # Written by the app's user: read as data only, never following a link.
+        backoff = load_backoff(backoff_file(RUNTIME_ROOT / app.name, unit))
         running = props.get("ActiveState") in ("active", "reloading", "deactivating") and pid
         rows.append({
             "unit": unit,

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import logging
 import sys
 
-from unitgen_worker.exitcodes import EXIT_CONFIG, EXIT_STARTUP
+from unitgen_worker.contract import EXIT_CONFIG, EXIT_STARTUP, WorkerConfig
 from unitgen_worker.loader import ConfigError, as_asgi, detect_interface, import_app
 from unitgen_worker.sd import NoSocketError, adopt_listen_sockets
 
 log = logging.getLogger("unitgen.worker")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m unitgen_worker")
-    parser.add_argument("--app", required=True, help="MODULE:ATTR")
-    parser.add_argument("--interface", choices=("auto", "asgi", "wsgi"), default="auto")
-    parser.add_argument("--instance", default="0", help="instance number, for the logs")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds to let requests finish after SIGTERM before closing connections")
-    parser.add_argument("--check", action="store_true", help="load the app, print its interface, exit")
-    return parser.parse_args(argv)
 
 
 def load(app_spec: str, interface: str) -> tuple[object, str]:
@@ -32,7 +20,7 @@ def load(app_spec: str, interface: str) -> tuple[object, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = WorkerConfig.from_argv(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # The import path is the working directory, as for `python -m` and gunicorn.
     if "" not in sys.path and "." not in sys.path:

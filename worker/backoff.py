@@ -1,42 +1,47 @@
-"""Growing restart delays, the same on systemd 252 and 257.
+"""Growing restart delays, the same on systemd 252 and 257, without privileges.
 
 RestartSteps=/RestartMaxDelaySec= do not exist before systemd 254, and where they do,
 the delay they compute only resets on a manual start, never after a healthy run. So the
 service template runs this helper around each start instead:
 
-    ExecStopPost=+python -I -m unitgen_worker.backoff record %n   (after every exit)
-    ExecStartPre=+python -I -m unitgen_worker.backoff wait %n     (before every start)
+    ExecStopPost=python -I -m unitgen_worker.backoff record %n   (after every exit)
+    ExecStartPre=python -I -m unitgen_worker.backoff wait %n     (before every start)
 
-`record` counts failures ($SERVICE_RESULT other than "success"); a clean stop, and a
-failure after a run of HEALTHY_RUN seconds or more, start the count again. `wait`
-sleeps for the delay the count calls for: 0.5 s after the first failure, doubling up to
-MAX_DELAY, but only when this start is systemd's automatic restart. A manual start or
-restart (after the app is fixed, or a roll) starts at once, as with RestartSteps=.
+Both run as the app's own user, inside the instance's sandbox, from the app's own
+interpreter: they need no privilege, so nothing the app's user can write (a .pth file
+in its virtualenv, say) ever runs as root here. Their state is one JSON file per
+instance in the app's RuntimeDirectory= ($RUNTIME_DIRECTORY), which systemd creates for
+that user and keeps across restarts (RuntimeDirectoryPreserve=yes).
 
-Telling the two apart: systemd's NRestarts goes up by exactly one when it schedules an
-automatic restart, and a manual start either resets it to 0 or (from the auto-restart
-state) leaves it as it was. So `record` notes NRestarts, and `wait` only waits when it
-is one more than that. Verified on systemd 252 and 257 by tests/e2e.
+`record` counts failures ($SERVICE_RESULT other than "success"); a failure after a run
+of HEALTHY_RUN seconds or more starts the count again. It forgets the count when no
+automatic restart follows: a clean stop (also the stop of a manual `systemctl restart`,
+which interrupts a `wait` in progress), and exit EXIT_CONFIG, which
+RestartPreventExitStatus= never restarts. `wait` sleeps for the delay the count calls
+for: 0.5 s after the first failure, doubling up to MAX_DELAY. So a manual restart after
+a fix starts at once, as with RestartSteps=, without asking systemd for NRestarts (an
+instance with DynamicUser= cannot reach the system bus where nss-systemd is missing).
 
 No start limit is involved: a start limit hit by any instance fails the shared socket.
-The state lives in /run (gone at reboot) and the helper imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
 
-STATE_DIR = Path("/run/unitgen")
-FIRST_DELAY = 0.5
-MAX_DELAY = 32.0
-HEALTHY_RUN = 30.0
-RESTART_SEC = 0.1  # RestartSec= in the service template: part of the delay already
-ALERT_AFTER = 3  # failures in a row that start the --on-failure unit
+from unitgen_worker.contract import (
+    EXIT_CONFIG,
+    FIRST_DELAY,
+    HEALTHY_RUN,
+    MAX_DELAY,
+    RESTART_SEC,
+    backoff_file,
+)
 
 
 def delay(failures: int) -> float:
@@ -46,79 +51,87 @@ def delay(failures: int) -> float:
     return min(FIRST_DELAY * 2 ** (failures - 1), MAX_DELAY)
 
 
-def _path(unit: str) -> Path:
-    return STATE_DIR / f"{unit}.json"
+def failures_in_a_row(previous: int, ran: float) -> int:
+    """The count after one more failure that ended a run of `ran` seconds."""
+    return 1 if ran >= HEALTHY_RUN else previous + 1
 
 
-def load(unit: str) -> dict:
+def load(path: Path) -> dict:
+    """The state in path, or {}; never follows a symlink (root reads these files too)."""
     try:
-        return json.loads(_path(unit).read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        with os.fdopen(fd) as f:
+            state = json.loads(f.read(4096))
     except (OSError, ValueError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
-def _save(unit: str, state: dict) -> None:
-    STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    scratch = _path(unit).with_suffix(".tmp")
+def save(path: Path, state: dict) -> None:
+    scratch = path.with_name(f".{path.name}.tmp")
     scratch.write_text(json.dumps(state))
-    os.replace(scratch, _path(unit))
+    os.replace(scratch, path)
 
 
-def restarts(unit: str) -> int | None:
-    """systemd's NRestarts of unit, or None if systemctl cannot say."""
-    try:
-        out = subprocess.run(["systemctl", "show", "-p", "NRestarts", "--value", unit],
-                             capture_output=True, text=True, timeout=10).stdout
-        return int(out)
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-
-
-def record(unit: str, result: str, now: float, n_restarts: int | None, alert: str | None = None) -> dict:
-    """After an exit: count a failure, or forget them all after a clean stop."""
-    if result == "success":
-        _path(unit).unlink(missing_ok=True)
+def record(path: Path, result: str, exit_status: str, now: float) -> dict:
+    """After an exit: count a failure, or forget them all when no automatic restart follows."""
+    if result == "success" or exit_status == str(EXIT_CONFIG):
+        path.unlink(missing_ok=True)
         return {}
-    state = load(unit)
-    ran = now - state.get("started", now)
-    failures = 1 if ran >= HEALTHY_RUN else state.get("failures", 0) + 1
-    state.update(failures=failures, result=result, restarts=n_restarts, next_start=time.time() + delay(failures))
-    _save(unit, state)
-    if alert and failures == ALERT_AFTER:
-        # --no-block: the alert must never hold up this unit's own restart.
-        subprocess.run(["systemctl", "start", "--no-block", alert], timeout=10, check=False)
+    state = load(path)
+    started = state.get("started")
+    ran = now - started if isinstance(started, (int, float)) else 0.0
+    failures = failures_in_a_row(int(state.get("failures", 0) or 0), ran)
+    state = {"failures": failures, "result": result, "next_start": time.time() + delay(failures)}
+    save(path, state)
     return state
 
 
-def wait(unit: str, n_restarts: int | None) -> float:
-    """Before a start: sleep off what is left of the delay, then note the start."""
-    state = load(unit)
-    automatic = n_restarts is None or state.get("restarts") is None or n_restarts == state["restarts"] + 1
-    if not automatic:  # a manual start: begin afresh
-        state = {}
-    pause = max(0.0, delay(state.get("failures", 0)) - RESTART_SEC)
+def wait(path: Path, unit: str) -> float | None:
+    """Before a start: sleep off the delay of the failures so far, then note the start.
+
+    None when a stop (a manual restart) interrupted the sleep. Then this exits 0: a
+    control process killed by SIGTERM would make systemd's stop-post see
+    SERVICE_RESULT=signal and count a failure that never happened.
+    """
+    state = load(path)
+    failures = int(state.get("failures", 0) or 0)
+    pause = max(0.0, delay(failures) - RESTART_SEC)
     if pause:
-        print(f"{unit}: failed {state['failures']} times in a row; starting again in {pause:.1f} s",
+        print(f"{unit}: failed {failures} times in a row; starting again in {pause:.1f} s",
               file=sys.stderr, flush=True)
-        time.sleep(pause)
+        # No handler: SIGTERM is blocked and waited for, together with the timeout.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        if signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, pause) is not None:
+            return None
     state["started"] = time.monotonic()
-    _save(unit, state)
+    save(path, state)
     return pause
 
 
 def main(argv: list[str]) -> int:
-    alert = None
-    if len(argv) == 4 and argv[0] == "record" and argv[2] == "--alert":
-        alert = argv.pop()
-        argv.pop()
     if len(argv) != 2 or argv[0] not in ("record", "wait"):
-        print("usage: python -m unitgen_worker.backoff record UNIT [--alert UNIT] | wait UNIT", file=sys.stderr)
+        print("usage: python -m unitgen_worker.backoff record|wait NAME@N.service", file=sys.stderr)
         return 2
     command, unit = argv
+    directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if not directory:
+        print("unitgen backoff: $RUNTIME_DIRECTORY is unset; run from the unit's ExecStartPre=/ExecStopPost=",
+              file=sys.stderr)
+        return 2
+    try:
+        path = backoff_file(Path(directory), unit)
+    except ValueError as err:
+        print(f"unitgen backoff: {err}", file=sys.stderr)
+        return 2
     if command == "wait":
-        wait(unit, restarts(unit))
+        wait(path, unit)
     else:
-        record(unit, os.environ.get("SERVICE_RESULT", "success"), time.monotonic(), restarts(unit), alert)
+        record(path, os.environ.get("SERVICE_RESULT", "success"), os.environ.get("EXIT_STATUS", ""),
+               time.monotonic())
     return 0
 
 

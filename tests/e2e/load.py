@@ -28,8 +28,10 @@ def _ms(text: str) -> float:
 class Wrk:
     """wrk running in the background from the host against url."""
 
-    def __init__(self, url: str, *, seconds: int, connections: int = 64) -> None:
+    def __init__(self, url: str, *, seconds: int, connections: int = 64, headers: dict[str, str] | None = None) -> None:
         cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency", url]
+        for key, value in (headers or {}).items():
+            cmd += ["-H", f"{key}: {value}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> LoadResult:

@@ -9,7 +9,9 @@ dest=$2
 # dependencies are NOT here: each booted container installs the .deb with apt-get,
 # which must pull them from Debian (python3-uvicorn, python3-systemd, ...).
 pkgs=systemd,systemd-sysv,dbus,procps,iproute2,curl,ca-certificates
-pkgs=$pkgs,python3,python3-flask,python3-starlette
+pkgs=$pkgs,python3,python3-flask,python3-starlette,python3-venv
+# A real ssh.service and ssh.socket: names that install must refuse to shadow.
+pkgs=$pkgs,openssh-server
 # Debian 12 has no a2wsgi: the worker falls back to uvicorn's WSGI middleware there.
 [ "$suite" = bookworm ] || pkgs=$pkgs,python3-a2wsgi
 rm -rf "$dest.tmp"
@@ -17,6 +19,9 @@ mkdir -p "$(dirname "$dest")"
 debootstrap --variant=minbase --include="$pkgs" "$suite" "$dest.tmp"
 # No getty on the console, a fixed machine id: boots faster and quieter.
 rm -f "$dest.tmp/etc/systemd/system/getty.target.wants/"*
+# The containers share the host's network: sshd listens on loopback only.
+mkdir -p "$dest.tmp/etc/ssh/sshd_config.d"
+echo "ListenAddress 127.0.0.1" > "$dest.tmp/etc/ssh/sshd_config.d/unitgen-testbed.conf"
 chroot "$dest.tmp" apt-get clean
 # The cache is valid for this script only: testbed.py rebuilds when the stamp differs.
 sha256sum "$0" | cut -d' ' -f1 > "$dest.tmp/.unitgen-rootfs"

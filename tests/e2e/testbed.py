@@ -85,6 +85,10 @@ class Container:
             "systemd-nspawn", "-D", str(self.rootfs), "-b", "-q",
             "--register=no", "--keep-unit", "--volatile=overlay",
             f"--machine=unitgen-{self.suite}-{os.getpid()}",
+            # systemd's IP firewall (IPAddressAllow=/Deny=) attaches BPF programs to
+            # cgroups; nspawn's default filter blocks bpf(), and systemd then ignores
+            # the rules without a word. Allow it, as on a real host.
+            "--system-call-filter=bpf", "--capability=CAP_BPF,CAP_NET_ADMIN",
         ]
         cmd += [f"--bind-ro={host}:{inside}" for host, inside in self.binds.items()]
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}

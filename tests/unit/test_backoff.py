@@ -1,12 +1,17 @@
-"""The restart backoff helper that ExecStartPre=/ExecStopPost= run around each start."""
+"""The restart backoff helper that ExecStartPre=/ExecStopPost= run around each start,
+and the root alert helper. Real files, real processes, real signals."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from unitgen_worker import backoff
+from unitgen_worker import alert, backoff
+from unitgen_worker.contract import EXIT_CONFIG, backoff_file
 
 
 def test_delays_start_near_one_second_and_grow_past_thirty():
@@ -18,58 +23,104 @@ def test_delays_start_near_one_second_and_grow_past_thirty():
 
 
 @pytest.fixture
-def state_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(backoff, "STATE_DIR", tmp_path)
-    return tmp_path
+def path(tmp_path):
+    return backoff_file(tmp_path, "app@0.service")
 
 
-def test_failures_count_up_and_a_clean_stop_forgets_them(state_dir):
-    unit = "app@0.service"
+def test_failures_count_up_and_a_clean_stop_forgets_them(path):
     now = time.monotonic()
-    backoff.wait(unit, 0)
-    assert backoff.record(unit, "exit-code", now, 0)["failures"] == 1
-    assert backoff.record(unit, "signal", now, 1)["failures"] == 2
-    assert backoff.record(unit, "watchdog", now, 2)["failures"] == 3
-    backoff.record(unit, "success", now, 3)
-    assert backoff.load(unit) == {}
+    backoff.wait(path, "app@0.service")
+    assert backoff.record(path, "exit-code", "3", now)["failures"] == 1
+    assert backoff.record(path, "signal", "", now)["failures"] == 2
+    assert backoff.record(path, "watchdog", "", now)["failures"] == 3
+    backoff.record(path, "success", "0", now)
+    assert backoff.load(path) == {}
+    assert not path.exists()
 
 
-def test_a_healthy_run_starts_the_count_again(state_dir):
-    unit = "app@1.service"
-    backoff.record(unit, "signal", time.monotonic(), 0)
-    backoff.record(unit, "signal", time.monotonic(), 0)
-    backoff.wait(unit, None)  # notes the start
+def test_exit_config_is_not_restarted_so_the_count_is_forgotten(path):
+    backoff.record(path, "exit-code", "3", time.monotonic())
+    backoff.record(path, "exit-code", str(EXIT_CONFIG), time.monotonic())
+    assert backoff.load(path) == {}
+
+
+def test_a_healthy_run_starts_the_count_again(path):
+    backoff.record(path, "signal", "", time.monotonic())
+    backoff.record(path, "signal", "", time.monotonic())
+    backoff.save(path, {**backoff.load(path), "started": time.monotonic()})  # as wait() notes it
     later = time.monotonic() + backoff.HEALTHY_RUN + 1
-    assert backoff.record(unit, "signal", later, 1)["failures"] == 1
+    assert backoff.record(path, "signal", "", later)["failures"] == 1
 
 
-def test_automatic_restart_waits_the_delay_less_restart_sec(state_dir):
-    unit = "app@2.service"
-    backoff.record(unit, "exit-code", time.monotonic(), 4)
-    backoff.record(unit, "exit-code", time.monotonic(), 5)  # 2 failures: 1 s
+def test_a_restart_waits_the_delay_less_restart_sec(path):
+    backoff.record(path, "exit-code", "1", time.monotonic())
+    backoff.record(path, "exit-code", "1", time.monotonic())  # 2 failures: 1 s
     began = time.monotonic()
-    assert backoff.wait(unit, 6) == pytest.approx(backoff.delay(2) - backoff.RESTART_SEC)
+    assert backoff.wait(path, "app@0.service") == pytest.approx(backoff.delay(2) - backoff.RESTART_SEC)
     assert time.monotonic() - began >= backoff.delay(2) - backoff.RESTART_SEC
 
 
-@pytest.mark.parametrize("n_restarts", [0, 5], ids=["counter reset", "counter unchanged"])
-def test_manual_start_does_not_wait_and_forgets_the_failures(state_dir, n_restarts):
-    unit = "app@3.service"
-    for n in range(3, 6):
-        backoff.record(unit, "exit-code", time.monotonic(), n)
-    assert backoff.wait(unit, n_restarts) == 0
-    assert backoff.load(unit).keys() == {"started"}
+def test_state_behind_a_symlink_is_not_read(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text(json.dumps({"failures": 7}))
+    link = backoff_file(tmp_path, "app@1.service")
+    link.symlink_to(secret)
+    assert backoff.load(link) == {}
 
 
-def test_command_line_reads_service_result(tmp_path):
-    code = ("import sys, pathlib; from unitgen_worker import backoff; backoff.STATE_DIR = pathlib.Path(sys.argv[1]);"
-            " sys.exit(backoff.main(sys.argv[2:]))")
+def helper(*args, env):
+    return subprocess.Popen([sys.executable, "-m", "unitgen_worker.backoff", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def run(*args, result):
-        return subprocess.run([sys.executable, "-c", code, str(tmp_path), *args],
-                              env={"SERVICE_RESULT": result}, capture_output=True, text=True)
-    assert run("record", "x@0.service", result="core-dump").returncode == 0
-    assert '"failures": 1' in (tmp_path / "x@0.service.json").read_text()
-    assert run("record", "x@0.service", result="success").returncode == 0
-    assert not (tmp_path / "x@0.service.json").exists()
-    assert run("bogus", result="success").returncode == 2
+
+def test_a_stop_during_the_delay_exits_0_so_systemd_counts_no_failure(tmp_path):
+    # A manual restart interrupts `wait` with SIGTERM: exit 0, or systemd's stop-post
+    # would see SERVICE_RESULT=signal and the restart would wait out a failure.
+    path = backoff_file(tmp_path, "app@2.service")
+    for _ in range(6):
+        backoff.record(path, "exit-code", "1", time.monotonic())
+    proc = helper("wait", "app@2.service", env={"RUNTIME_DIRECTORY": str(tmp_path)})
+    assert "starting again in" in proc.stderr.readline()
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+    assert time.monotonic() - began < 2
+    record = helper("record", "app@2.service", env={"RUNTIME_DIRECTORY": str(tmp_path), "SERVICE_RESULT": "success"})
+    assert record.wait(10) == 0
+    assert backoff.load(path) == {}
+
+
+def test_command_line_reads_what_systemd_passes(tmp_path):
+    env = {"RUNTIME_DIRECTORY": str(tmp_path), "SERVICE_RESULT": "core-dump", "EXIT_STATUS": "ABRT"}
+    assert helper("record", "x@0.service", env=env).wait(10) == 0
+    assert json.loads((tmp_path / "0.backoff.json").read_text())["failures"] == 1
+    assert helper("record", "x@0.service", env={**env, "SERVICE_RESULT": "success"}).wait(10) == 0
+    assert not (tmp_path / "0.backoff.json").exists()
+    assert helper("bogus", env=env).wait(10) == 2
+    assert helper("record", "../x@0.service", env=env).wait(10) == 2
+    assert helper("record", "x@0.service", env={"RUNTIME_DIRECTORY": ""}).wait(10) == 2
+
+
+def test_alert_counts_from_systemd_data_in_a_directory_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(alert, "ALERT_STATE_DIR", tmp_path / "alerts")
+    started: list[tuple[str, ...]] = []
+    monkeypatch.setattr(alert, "systemctl", lambda *args: started.append(args) or subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(alert, "active_since", lambda unit: 0.0)  # never became active: failing at startup
+    env = {"SERVICE_RESULT": "exit-code", "EXIT_STATUS": "3", "LD_PRELOAD": "/x.so", "PATH": "/srv/app/bin"}
+    for _ in range(4):
+        monkeypatch.setattr(os, "environ", dict(env))
+        assert alert.main(["app@1.service", "alert@app@1.service.service"]) == 0
+        assert os.environ == {"PATH": alert.SAFE_PATH, "LANG": "C.UTF-8"}  # dropped at once
+    assert started == [("start", "--no-block", "alert@app@1.service.service")]  # the 3rd, once
+    monkeypatch.setattr(os, "environ", {"SERVICE_RESULT": "success"})
+    alert.main(["app@1.service", "alert@app@1.service.service"])
+    assert list((tmp_path / "alerts").iterdir()) == []
+    assert (tmp_path / "alerts").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("argv", [["../../etc@1.service", "a.service"], ["app@1.service", "a;b.service"],
+                                  ["app@x.service", "a.service"], ["app@1.service"]])
+def test_alert_refuses_what_is_not_a_unit_name(argv, monkeypatch, tmp_path):
+    monkeypatch.setattr(alert, "ALERT_STATE_DIR", tmp_path)
+    monkeypatch.setattr(os, "environ", {"SERVICE_RESULT": "exit-code"})
+    assert alert.main(argv) == 2

@@ -1,0 +1,182 @@
+"""The contract between unitgen and its worker runtime, in one place.
+
+As gunicorn keeps its whole systemd protocol in ``systemd.py``, this module holds what
+both sides must agree on: runtime paths, defaults and exit codes that the rendered
+units and the worker share. unitgen (render, install, status, uninstall) imports it;
+the worker and its helpers import it. It imports nothing heavy: the root helper
+(``unitgen_worker.alert``) loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# --- the worker's command line ------------------------------------------------------
+INTERFACES = ("auto", "asgi", "wsgi")
+DRAIN_TIMEOUT = 30  # seconds requests get after SIGTERM before connections are closed
+# TimeoutStopSec= is the drain timeout plus this: the worker's quiet period and its
+# forced exit after the drain timeout (lifecycle) fit in it with room to spare.
+STOP_MARGIN = 15
+WATCHDOG = 10  # WatchdogSec= by default
+INSTANCE_SPECIFIER = "%i"  # in a unit file: systemd puts the instance number here
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What `python -m unitgen_worker` is told; rendered into ExecStart= by unitgen."""
+
+    app: str  # MODULE:ATTR
+    interface: str = "auto"
+    instance: str = "0"  # for the logs; %i in the unit
+    drain_timeout: float = DRAIN_TIMEOUT
+    check: bool = False  # load the app, print its interface, exit (unitgen render)
+
+    def to_argv(self) -> list[str]:
+        argv = ["--app", self.app, "--interface", self.interface]
+        if self.check:
+            return [*argv, "--check"]
+        timeout = int(self.drain_timeout) if float(self.drain_timeout).is_integer() else self.drain_timeout
+        return [*argv, "--instance", self.instance, "--drain-timeout", str(timeout)]
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None) -> WorkerConfig:
+        parser = argparse.ArgumentParser(prog="python -m unitgen_worker")
+        parser.add_argument("--app", required=True, help="MODULE:ATTR")
+        parser.add_argument("--interface", choices=INTERFACES, default="auto")
+        parser.add_argument("--instance", default="0", help="instance number, for the logs")
+        parser.add_argument("--drain-timeout", type=float, default=float(DRAIN_TIMEOUT),
+                            help="seconds to let requests finish after SIGTERM before closing connections")
+        parser.add_argument("--check", action="store_true", help="load the app, print its interface, exit")
+        args = parser.parse_args(argv)
+        return cls(app=args.app, interface=args.interface, instance=args.instance,
+                   drain_timeout=args.drain_timeout, check=args.check)
+
+
+def worker_argv(python: str, config: WorkerConfig) -> list[str]:
+    """The whole command line of an instance (or of the render-time check)."""
+    return [python, "-m", "unitgen_worker", *config.to_argv()]
+
+
+# --- runtime paths ---------------------------------------------------------------
+# Every app's instances share RuntimeDirectory=unitgen/NAME (preserved across stops):
+# the restart backoff keeps one small JSON file per instance there. systemd creates
+# it for the instances' user (with DynamicUser= under /run/private, linked from here).
+RUNTIME_ROOT = Path("/run/unitgen")
+# The crash-loop alert helper runs as root and keeps its own counts where the app's
+# user cannot write ('.' cannot begin an app name, so no app's directory is named so).
+ALERT_STATE_DIR = RUNTIME_ROOT / ".alerts"
+# What install decided, saved beside the units it wrote (systemd ignores the suffix).
+SPEC_SUFFIX = ".unitgen.json"
+
+
+def runtime_directory(name: str) -> str:
+    """The RuntimeDirectory= value of app name (relative to /run)."""
+    return f"unitgen/{name}"
+
+
+def state_directory(name: str) -> str:
+    """The StateDirectory= value of app name (relative to /var/lib): the app's own data."""
+    return f"unitgen/{name}"
+
+
+def backoff_file(directory: Path, unit: str) -> Path:
+    """The backoff state of instance unit (NAME@I.service) inside its runtime directory."""
+    return directory / f"{instance_of(unit)}.backoff.json"
+
+
+def counters_file(directory: Path, instance: int | str) -> Path:
+    """Where a running instance publishes its Counters, at least once a second."""
+    return directory / f"{instance}.counters.json"
+
+
+# --- what a running instance tells tools (status now; metrics and balance later) ---
+@dataclass(frozen=True)
+class Counters:
+    """An instance's live counters: a structured channel, not a sentence to parse.
+
+    The worker rewrites its file (rename, so a reader never sees half of one) from its
+    event loop; readers check pid against systemd's MainPID, as a file left behind by
+    a killed process says nothing about its successor.
+    """
+
+    pid: int
+    requests: int  # served since the process started
+    in_flight: int
+    draining: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"schema": 1, "pid": self.pid, "requests": self.requests,
+                           "in_flight": self.in_flight, "draining": self.draining})
+
+    @classmethod
+    def from_json(cls, text: str) -> Counters | None:
+        """The counters in text, or None when it is not a valid counters document."""
+        try:
+            data = json.loads(text)
+            counters = cls(pid=data["pid"], requests=data["requests"], in_flight=data["in_flight"],
+                           draining=data["draining"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        ints = (counters.pid, counters.requests, counters.in_flight)
+        if not all(type(v) is int and v >= 0 for v in ints) or type(counters.draining) is not bool:
+            return None
+        return counters
+
+    def status_text(self, started: str) -> str:
+        """The STATUS= sentence for people (`systemctl status`); tools read the file."""
+        phase = "draining" if self.draining else "serving"
+        return f"{phase}: {self.requests} requests, {self.in_flight} in flight, up since {started}"
+
+
+# --- names -----------------------------------------------------------------------
+_INSTANCE_UNIT = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)@(\d+)\.service")
+
+
+def instance_unit(name: str, instance: int | str) -> str:
+    """The one place that spells an instance's unit name (instance may be a specifier)."""
+    return f"{name}@{instance}.service"
+
+
+def app_units(name: str) -> tuple[str, str, str]:
+    """An app's unit files: NAME.socket, NAME@.service (the template), NAME.target."""
+    return f"{name}.socket", instance_unit(name, ""), f"{name}.target"
+
+
+def instances_pattern(name: str) -> str:
+    """Every instance of an app, as systemctl and journalctl take a glob."""
+    return instance_unit(name, "*")
+
+
+def instance_of(unit: str) -> int:
+    """The instance number of NAME@I.service; ValueError for anything else."""
+    match = _INSTANCE_UNIT.fullmatch(unit)
+    if not match:
+        raise ValueError(f"{unit!r} is not an instance unit NAME@N.service")
+    return int(match.group(2))
+
+
+def app_of(unit: str) -> str:
+    match = _INSTANCE_UNIT.fullmatch(unit)
+    if not match:
+        raise ValueError(f"{unit!r} is not an instance unit NAME@N.service")
+    return match.group(1)
+
+
+# --- restart policy (rendered into the units and applied by the helpers) ----------
+FIRST_DELAY = 0.5  # seconds before the restart after a first failure, doubling...
+MAX_DELAY = 32.0  # ...up to this
+HEALTHY_RUN = 30.0  # a run at least this long starts the failure count again
+RESTART_SEC = 0.1  # RestartSec=: part of the delay already
+ALERT_AFTER = 3  # failures in a row that start the --on-failure unit
+
+# --- exit codes (RestartPreventExitStatus= lists EXIT_CONFIG) ----------------------
+# EX_CONFIG from sysexits.h: the app cannot be imported or is misconfigured. Restarting
+# cannot help.
+EXIT_CONFIG = 78
+# The app imported but its startup failed (an exception at import time other than an
+# ImportError, or ASGI lifespan startup failed). Possibly transient: restarted.
+EXIT_STARTUP = 3
