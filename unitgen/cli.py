@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import ctypes
 import os
 import sys
 import traceback
@@ -38,6 +39,7 @@ from unitgen.spec import (
 )
 from unitgen.state import App
 from unitgen.status import collect, table
+from unitgen_worker import alert
 from unitgen_worker.contract import DRAIN_TIMEOUT, WATCHDOG
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
@@ -75,6 +77,7 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         allow=tuple(parse_cidr("--allow", value) for value in args.allow),
         deny=tuple(parse_cidr("--deny", value) for value in args.deny),
         helper_python=parse_executable("--helper-python", args.helper_python or sys.executable),
+        helper_script=parse_executable("--helper-script", args.helper_script or str(Path(alert.__file__).resolve())),
     )
 
 
@@ -141,7 +144,7 @@ def cmd_roll(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = collect(args.name)
-    print(json.dumps(status, indent=2) if args.json else table(status))
+    print(status.to_json() if args.json else table(status))
     return 0
 
 
@@ -193,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--deny", action="append", default=[], metavar="CIDR",
                         help="refuse clients from this address or network; repeatable")
     render.add_argument("--helper-python", metavar="PATH",
-                        help="root-owned interpreter with unitgen that runs the --on-failure alert helper as root "
+                        help="root-owned interpreter (no virtualenv) that runs the --on-failure alert helper as root "
                              "(default: the one running unitgen)")
+    render.add_argument("--helper-script", metavar="PATH",
+                        help="root-owned unitgen_worker/alert.py for that helper (default: this unitgen's)")
     render.add_argument("--out", help="write the unit files into this directory instead of a bundle on stdout")
     render.add_argument("--no-check", dest="check", action="store_false",
                         help="do not import the app with --python in --workdir to check it")
@@ -242,7 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_dumpable() -> None:
+    """Other processes of this user (the app's import check among them, when that runs
+    as this user) may not ptrace unitgen or open its /proc/PID/fd: the bundle it writes
+    to a pipe for `sudo unitgen install` cannot be swapped under it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    _not_dumpable()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     run.DEBUG = debug

@@ -18,9 +18,18 @@ def check_text(what: str, value: str, *, hint: str) -> str:
     if value == "":
         die(f"{what} is empty", hint=hint)
     for ch in value:
-        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+        # Noncharacters (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) too: systemd's utf8_is_valid() refuses them.
+        if (unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")
+                or 0xFDD0 <= ord(ch) <= 0xFDEF or ord(ch) & 0xFFFE == 0xFFFE):
             die(f"{what} contains the control character {ch!r}", hint=hint)
     return value
+
+
+def printable(text: str) -> str:
+    """text for a terminal: control characters (escape sequences the app wrote into its
+    journal, say) are shown as \\xNN instead of acting on the operator's terminal."""
+    return "".join(ch if ch == "\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
+                   else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def specifiers(value: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -11,7 +13,7 @@ from unitgen.errors import die
 from unitgen.render import MARKER, check_files, parse_bundle, spec_file, unit_names
 from unitgen.run import run, systemctl
 from unitgen.spec import AppSpec, parse_name
-from unitgen.trust import helper_problem
+from unitgen.trust import helper_problem, writable_by_others
 from unitgen_worker.contract import ALERT_STATE_DIR, instance_unit, instances_pattern
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -96,10 +98,18 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
     if installed and (installed.app, installed.workdir) != (spec.app, spec.workdir) and not replace:
         die(f"{spec.name!r} is installed for {installed.app} in {installed.workdir}, not {spec.app} in "
             f"{spec.workdir}", hint="choose another --name, or pass --replace to install over it")
-    if spec.on_failure and (problem := helper_problem(spec.helper_python, spec.user)):
+    if spec.user in ("root", "0"):
+        die("--user root: the instances would run as root", hint="give the app a user of its own, or no --user "
+            "for a dynamic one; binding a port below 1024 needs no root (systemd binds the socket)")
+    for address in spec.listen:
+        # systemd (root) creates, unlinks and re-creates a unix socket's path.
+        if address.startswith("/") and (problem := writable_by_others(os.path.dirname(address))):
+            die(f"--listen {address}: {problem}", hint="put the socket in a directory only root can write, "
+                "such as /run")
+    if spec.on_failure and (problem := helper_problem(spec.helper_python, spec.helper_script)):
         die(f"{problem}; root runs it at every failure (--on-failure)",
-            hint="install unitgen as root (apt-get install unitgen) and render with it, "
-                 "or give --helper-python a root-owned interpreter that has unitgen_worker")
+            hint="install unitgen from its .deb and render with it (the helper is then Debian's python3 and "
+                 "the packaged script), or give --helper-python/--helper-script files only root can write")
 
 
 def verify(units: dict[str, str]) -> None:
@@ -117,22 +127,43 @@ def verify(units: dict[str, str]) -> None:
 
 
 def write_files(files: dict[str, str], directory: Path, *, mode: int = 0o644) -> None:
-    """Write files into directory through a scratch directory beside them, then rename:
-    a reader sees the old file or the new one, never half of one."""
-    scratch = Path(tempfile.mkdtemp(prefix=".unitgen-", dir=directory))
+    """Write every file to a temporary name in directory, then rename them all: a reader
+    sees the old file or the new one, never half of one, and a failure leaves nothing.
+
+    Everything goes through one descriptor of directory, opened without following a
+    link, and each temporary file is created exclusively: whoever else can write in
+    directory cannot redirect a write or a removal elsewhere. As root, a directory
+    someone else could write is refused outright.
+    """
+    if os.geteuid() == 0 and (problem := writable_by_others(str(directory))):
+        die(f"will not write as root into {directory}: {problem}", hint="give a directory only root can write")
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        die(f"cannot open {directory}: {err.strerror}", hint="give a directory (not a link) that exists")
+    written: list[str] = []
     try:
         for name, text in files.items():
-            with (scratch / name).open("w") as f:
+            temporary = f".{name}.{secrets.token_hex(6)}.unitgen-tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=dir_fd)
+            written.append(temporary)
+            with os.fdopen(fd, "w") as f:
                 f.write(text)
                 f.flush()
+                os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
-            (scratch / name).chmod(mode)
-        for name in files:
-            os.replace(scratch / name, directory / name)
+        for temporary, name in zip(written, files, strict=True):
+            os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        written.clear()
+        os.fsync(dir_fd)
+    except OSError as err:
+        die(f"cannot write into {directory}: {err.strerror}")
     finally:
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
+        for temporary in written:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+        os.close(dir_fd)
 
 
 def filters_clients(socket: str) -> bool:

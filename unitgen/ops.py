@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 
 from unitgen.errors import die
+from unitgen.escape import printable
 from unitgen.install import UNIT_DIR, write_files
 from unitgen.render import render_files, spec_file
 from unitgen.run import log, run, stream, systemctl
@@ -94,7 +95,7 @@ def _format(entry: dict) -> str:
     message = entry.get("MESSAGE", "")
     if isinstance(message, list):  # journald's JSON gives non-UTF-8 text as bytes
         message = bytes(message).decode("utf-8", "replace")
-    return f"{stamp} {tag}: {message}"
+    return printable(f"{stamp} {tag}: {message}")
 
 
 def logs(name: str, *, follow: bool = False, lines: int = 50) -> int:

@@ -29,7 +29,10 @@ _ENV_KEY = re.compile(_IDENT)
 # As systemd's unit_name_is_valid(): PREFIX[@INSTANCE].SUFFIX, both parts non-empty.
 _UNIT_PART = r"(?:[A-Za-z0-9_.:-]|%[nNip])+"
 _UNIT = re.compile(rf"(?=.{{1,200}}$){_UNIT_PART}(?:@{_UNIT_PART})?\.(?:service|target)")
-_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|[0-9]{1,10}")
+# A uid as systemd's parse_uid() takes it: no leading zero, at most 4294967294, not 65535.
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|0|(?!65535\Z)[1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}"
+                   r"|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}"
+                   r"|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-4]")
 INTERFACES = ("auto", "asgi", "wsgi")
 HARDENING = ("strict", "relaxed")
 # systemd.special(7): names whose units the whole boot relies on. An app named so would
@@ -78,9 +81,10 @@ class AppSpec:
     hardening: str = "strict"  # or "relaxed": the documented escape hatch
     allow: tuple[str, ...] = ()  # IPAddressAllow= on the socket: the clients served
     deny: tuple[str, ...] = ()  # IPAddressDeny= on the socket
-    # The interpreter of unitgen's own installation: it runs the root alert helper
-    # (only with on_failure), so install checks it is owned by root.
+    # unitgen's own interpreter and alert script: root runs them (only with on_failure),
+    # so install checks that only root can write them.
     helper_python: str = "/usr/bin/python3"
+    helper_script: str = "/usr/lib/python3/dist-packages/unitgen_worker/alert.py"
 
     @property
     def instance_names(self) -> list[str]:
@@ -153,6 +157,7 @@ def validated(spec: AppSpec) -> AppSpec:
         allow=tuple(parse_cidr("--allow", v) for v in strings(spec.allow, "allow")),
         deny=tuple(parse_cidr("--deny", v) for v in strings(spec.deny, "deny")),
         helper_python=parse_executable("--helper-python", spec.helper_python),
+        helper_script=parse_executable("--helper-script", spec.helper_script),
     )
 
 
@@ -309,6 +314,6 @@ def parse_seconds(flag: str, value: str, *, minimum: int, maximum: int = 3600) -
 def parse_unit(flag: str, value: str) -> str:
     hint = f"give {flag} as a unit name such as alert@%n.service (specifiers %n %N %i %p)"
     check_text(flag, value, hint=hint)
-    if not _UNIT.fullmatch(value):
+    if not _UNIT.fullmatch(value) or value.startswith("-"):
         die(f"{flag} {value!r} is not a .service or .target unit name", hint=hint)
     return value

@@ -1,4 +1,4 @@
-"""`unitgen status`: one row per instance, from systemctl show and the STATUS= counters.
+"""`unitgen status`: one row per instance, from systemctl show and the instances' counters files.
 
 The --json document (schema 1; fields are only ever added):
     {"schema": 1, "name": str, "app": "MODULE:ATTR",
@@ -12,58 +12,114 @@ The --json document (schema 1; fields are only ever added):
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
+import stat
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from unitgen.escape import printable
 from unitgen.state import App, instance_number, show
 from unitgen_worker.backoff import load as load_backoff
-from unitgen_worker.contract import RUNTIME_ROOT, backoff_file
+from unitgen_worker.contract import RUNTIME_ROOT, Counters, backoff_file, counters_file
 
-_STATUS = re.compile(r"\w+: (\d+) requests, (\d+) in flight")
-PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent",
-         "NRestarts", "StatusText"]
+PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent", "NRestarts"]
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """One instance as systemd and the instance itself report it (a row of the table)."""
+
+    unit: str
+    instance: int
+    wanted: bool
+    state: str
+    sub_state: str
+    pid: int | None
+    uptime_seconds: float | None
+    memory_bytes: int | None  # MemoryCurrent=: the whole cgroup
+    rss_bytes: int | None  # the main process
+    restarts: int
+    requests: int | None
+    in_flight: int | None
+    failures: int
+    next_attempt: str | None
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    name: str
+    app: str
+    socket_unit: str
+    socket_state: str
+    listen: tuple[str, ...]
+    instances: tuple[InstanceStatus, ...]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "name": self.name, "app": self.app,
+                "socket": {"unit": self.socket_unit, "state": self.socket_state, "listen": list(self.listen)},
+                "instances": [dataclasses.asdict(row) for row in self.instances]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
 
 def _int(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def collect(name: str) -> dict:
+def read_counters(directory, instance: int, pid: int | None) -> Counters | None:
+    """The instance's own counters, if its file is a regular one written by pid."""
+    try:
+        fd = os.open(counters_file(directory, instance), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        counters = Counters.from_json(f.read(4096))
+    return counters if counters is not None and pid and counters.pid == pid else None
+
+
+def collect(name: str) -> AppStatus:
     app = App(name)
     wanted = app.wanted()
     units = sorted(set(wanted) | set(app.loaded()), key=instance_number)
     socket = show([app.socket], ["ActiveState", "Listen"])[0]
+    directory = RUNTIME_ROOT / app.name
     rows = []
     for unit, props in zip(units, show(units, PROPS) if units else [], strict=True):
         pid = _int(props.get("MainPID"))
         started = _int(props.get("ExecMainStartTimestampMonotonic"))
-        counters = _STATUS.match(props.get("StatusText", ""))
-        # Written by the app's user: read as data only, never following a link.
-        backoff = load_backoff(backoff_file(RUNTIME_ROOT / app.name, unit))
-        running = props.get("ActiveState") in ("active", "reloading", "deactivating") and pid
-        rows.append({
-            "unit": unit,
-            "instance": instance_number(unit),
-            "wanted": unit in wanted,
-            "state": props.get("ActiveState", "unknown"),
-            "sub_state": props.get("SubState", "unknown"),
-            "pid": pid or None,
+        running = bool(props.get("ActiveState") in ("active", "reloading", "deactivating") and pid)
+        # Both files are written by the app's user: read as data only (see their readers).
+        counters = read_counters(directory, instance_number(unit), pid) if running else None
+        backoff = load_backoff(backoff_file(directory, unit))
+        rows.append(InstanceStatus(
+            unit=unit,
+            instance=instance_number(unit),
+            wanted=unit in wanted,
+            state=props.get("ActiveState", "unknown"),
+            sub_state=props.get("SubState", "unknown"),
+            pid=pid or None,
             # CLOCK_MONOTONIC, as systemd's *Monotonic timestamps.
-            "uptime_seconds": round(time.monotonic() - started / 1e6, 1) if running and started else None,
-            "memory_bytes": _int(props.get("MemoryCurrent")),
-            "rss_bytes": _rss(pid) if running else None,
-            "restarts": _int(props.get("NRestarts")) or 0,
-            "requests": int(counters.group(1)) if counters and running else None,
-            "in_flight": int(counters.group(2)) if counters and running else None,
-            "failures": backoff.get("failures", 0),
-            "next_attempt": _next_attempt(backoff) if not running else None,
-        })
+            uptime_seconds=round(time.monotonic() - started / 1e6, 1) if running and started else None,
+            memory_bytes=_int(props.get("MemoryCurrent")),
+            rss_bytes=_rss(pid) if running and pid else None,
+            restarts=_int(props.get("NRestarts")) or 0,
+            requests=counters.requests if counters else None,
+            in_flight=counters.in_flight if counters else None,
+            failures=int(backoff.get("failures", 0)),
+            next_attempt=_next_attempt(backoff) if not running else None,
+        ))
     # Listen= is "ADDRESS (Stream)", several separated by spaces between pairs.
-    listen = re.findall(r"(\S+) \(\w+\)", socket.get("Listen", ""))
-    return {"schema": 1, "name": app.name, "app": app.app,
-            "socket": {"unit": app.socket, "state": socket.get("ActiveState", "unknown"), "listen": listen},
-            "instances": rows}
+    listen = tuple(re.findall(r"(\S+) \(\w+\)", socket.get("Listen", "")))
+    return AppStatus(name=app.name, app=app.app, socket_unit=app.socket,
+                     socket_state=socket.get("ActiveState", "unknown"), listen=listen, instances=tuple(rows))
 
 
 def _rss(pid: int) -> int | None:
@@ -114,7 +170,8 @@ def _memory(row: dict) -> str:
     return "-" if row["rss_bytes"] is None else _bytes(row["rss_bytes"]) + " rss"
 
 
-def table(status: dict) -> str:
+def table(app_status: AppStatus) -> str:
+    status = app_status.to_dict()
     socket = status["socket"]
     listen = ", ".join(socket["listen"]) or "-"
     lines = [f"{status['name']} ({status['app']}): socket {socket['unit']} {socket['state']} on {listen}"]
@@ -134,6 +191,7 @@ def table(status: dict) -> str:
                      "-" if row["requests"] is None else str(row["requests"]),
                      "-" if row["in_flight"] is None else str(row["in_flight"]), "; ".join(note)))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)

@@ -1,112 +1,124 @@
-"""Can the app's user write what root would run? Checked before root runs anything of it.
+"""May root run this? Checked on the files themselves, before root runs anything of them.
 
-Root runs two things an app could reach: the crash-loop alert helper (an `ExecStopPost=+`
-line, only with --on-failure) and, when `unitgen render` itself runs as root, the
-render-time import check. The first must come from files the app's user cannot write;
-the second runs as the app's user instead (see check.py).
+Root runs one thing an app could reach: the crash-loop alert helper (an
+`ExecStopPost=+` line, only with --on-failure):
+
+    PYTHON -I -S SCRIPT   (no site-packages, no .pth files, no PYTHON* variables)
+
+So root loads exactly: the interpreter (every symlink on the way to it), its standard
+library, and SCRIPT's package directory (the script loads its package from there and
+puts nothing on sys.path). Each of those files and every directory above them must be owned by root,
+writable by nobody else and carry no ACL. This does not depend on who the instances run
+as, and nothing is executed to find it out: a probe run by the interpreter would load
+the very files it is meant to check.
 """
 
 from __future__ import annotations
 
-import grp
-import json
 import os
-import pwd
+import re
 import stat
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from unitgen.run import log
-
-NOBODY = 65534
-
-# What the helper's interpreter would put on sys.path with -I, where its site
-# directories are (their .pth files run at every start), and where unitgen_worker is.
-# -S: no site processing now, so no .pth file of theirs runs while we look.
-_PROBE = (
-    "import importlib.util, json, site, sys\n"
-    "dirs = [p for p in sys.path if p] + site.getsitepackages()\n"
-    "sys.path.extend(site.getsitepackages())\n"
-    "spec = importlib.util.find_spec('unitgen_worker')\n"
-    "print(json.dumps({'path': dirs, 'site': site.getsitepackages(),\n"
-    "                  'worker': list(spec.submodule_search_locations) if spec else []}))\n"
-)
+_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+_MAX_HOPS = 40
+_INTERPRETER = re.compile(r"python(\d+\.\d+)")
 
 
-@dataclass(frozen=True)
-class Writer:
-    """Whoever the instances run as: a uid and its groups (none for a dynamic user)."""
+def _untrusted(path: str, *, sticky_ok: bool = False) -> str | None:
+    """Why root must not trust path itself (not following it), or None.
 
-    uid: int | None
-    gids: frozenset[int]
-
-    @classmethod
-    def of(cls, user: str | None) -> Writer:
-        """--user USER, or a dynamic user (None): it owns nothing and is in no group."""
-        if user is None:
-            return cls(None, frozenset())
-        try:
-            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            return cls(int(user) if user.isdigit() else -1, frozenset())
-        groups = {g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem}
-        return cls(entry.pw_uid, frozenset({entry.pw_gid, *groups}))
-
-    def can_write(self, st: os.stat_result) -> bool:
-        if st.st_mode & stat.S_IWOTH:
-            return True
-        if self.uid is not None and st.st_uid == self.uid:
-            return True
-        return bool(st.st_mode & stat.S_IWGRP) and st.st_gid in self.gids
-
-
-def writable_part(path: str, writer: Writer) -> str | None:
-    """The first of path, its real path and their ancestors that writer can change."""
-    seen: list[str] = []
-    for candidate in (path, os.path.realpath(path)):
-        current = Path(candidate)
-        for part in [current, *current.parents]:
-            if str(part) in seen:
-                continue
-            seen.append(str(part))
-            try:
-                st = os.lstat(part)
-            except OSError:
-                continue
-            if writer.can_write(st) and not stat.S_ISLNK(st.st_mode):
-                return str(part)
-            if stat.S_ISLNK(st.st_mode) and writer.uid is not None and st.st_uid == writer.uid:
-                return str(part)
-    return None
-
-
-def helper_problem(python: str, user: str | None) -> str | None:
-    """Why root must not run `python -I -m unitgen_worker.alert`, or None when it may."""
-    writer = Writer.of(user)
-    who = f"user {user}" if user else "the instances' user"
-    if (part := writable_part(python, writer)) is not None:
-        return f"the alert helper's interpreter {python}: {part} is writable by {who}"
-    cmd = [python, "-I", "-S", "-c", _PROBE]
-    log(f"+ {' '.join(cmd[:4])} <probe>")
-    # Even the probe starts the interpreter, which loads its standard library before
-    # anything is checked: as root, it runs as nobody.
-    drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+    sticky_ok: a directory on the way (not the last one) may be a root-owned sticky
+    directory such as /tmp: others may add entries there but not replace root's.
+    """
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True, cwd="/",
-                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, **drop).stdout
-        found = json.loads(out)
-    except (OSError, ValueError, subprocess.SubprocessError) as err:
-        return f"the alert helper's interpreter {python} did not answer: {err}"
-    if not found["worker"]:
-        return f"the alert helper's interpreter {python} cannot import unitgen_worker"
-    files = [*found["path"], *found["worker"]]
-    for directory in [*found["site"], *found["worker"]]:
-        try:
-            files += [str(p) for p in Path(directory).iterdir() if p.suffix in (".pth", ".py")]
-        except OSError:
-            pass
-    for path in files:
-        if (part := writable_part(path, writer)) is not None:
-            return f"the alert helper would load {path}, and {part} is writable by {who}"
+        st = os.lstat(path)
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror})"
+    if st.st_uid != 0:
+        return f"{path} is owned by uid {st.st_uid}, not root"
+    sticky = sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if not stat.S_ISLNK(st.st_mode) and not sticky and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by its group or by others"
+    try:
+        if not stat.S_ISLNK(st.st_mode) and set(_ACLS) & set(os.listxattr(path, follow_symlinks=False)):
+            return f"{path} has an ACL"
+    except OSError:
+        pass  # no xattr support on this file system: no ACL either
     return None
+
+
+def _resolve(path: str, hops: int = 0) -> tuple[str | None, str | None]:
+    """(the real path, None), or (None, why) when any step on the way is untrusted.
+
+    Every directory and every symlink met while resolving is checked, hop by hop: a
+    root-owned link to a link in a writable directory is as bad as the second link.
+    """
+    if hops > _MAX_HOPS:
+        return None, f"{path}: too many symlinks"
+    current = "/"
+    parts = Path(path).parts[1:]
+    for position, part in enumerate(parts, 1):
+        candidate = os.path.join(current, part)
+        if (problem := _untrusted(candidate, sticky_ok=position < len(parts))) is not None:
+            return None, problem
+        if os.path.islink(candidate):
+            target = os.readlink(candidate)
+            resolved, problem = _resolve(os.path.normpath(os.path.join(current, target)), hops + 1)
+            if problem is not None:
+                return None, problem
+            current = resolved
+        else:
+            current = candidate
+    if (problem := _untrusted("/")) is not None:
+        return None, problem
+    return current, None
+
+
+def _tree_problem(directory: str) -> str | None:
+    """The first untrusted file or directory in the tree below directory (links not followed)."""
+    for root, dirs, files in os.walk(directory):
+        for name in [*dirs, *files]:
+            if (problem := _untrusted(os.path.join(root, name))) is not None:
+                return problem
+    return None
+
+
+def stdlib_of(python: str) -> str | None:
+    """The standard library of a plain (not virtualenv) CPython at its real path."""
+    match = _INTERPRETER.fullmatch(os.path.basename(python))
+    if not match:
+        return None
+    library = os.path.join(os.path.dirname(os.path.dirname(python)), "lib", f"python{match.group(1)}")
+    return library if os.path.isfile(os.path.join(library, "os.py")) else None
+
+
+def helper_problem(python: str, script: str) -> str | None:
+    """Why root must not run `python -I -S script`, or None when it may."""
+    real, problem = _resolve(python)
+    if problem is not None:
+        return f"the alert helper's interpreter: {problem}"
+    for candidate in {python, real}:
+        for directory in (os.path.dirname(candidate), os.path.dirname(os.path.dirname(candidate))):
+            if os.path.exists(os.path.join(directory, "pyvenv.cfg")):
+                return f"the alert helper's interpreter {python} is a virtualenv's ({directory}/pyvenv.cfg)"
+    library = stdlib_of(real)
+    if library is None:
+        return f"cannot tell where the standard library of {real} is"
+    _, problem = _resolve(library)
+    problem = problem or _tree_problem(library)
+    if problem is not None:
+        return f"the alert helper's standard library: {problem}"
+    real_script, problem = _resolve(script)
+    if problem is not None:
+        return f"the alert helper {script}: {problem}"
+    package = os.path.dirname(real_script)
+    if problem := _tree_problem(package):
+        return f"the alert helper's package: {problem}"
+    return None
+
+
+def writable_by_others(directory: str) -> str | None:
+    """For root writing into directory: why someone else could swap things in it, or None."""
+    _, problem = _resolve(os.path.abspath(directory))
+    return problem

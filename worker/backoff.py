@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,9 @@ from unitgen_worker.contract import (
     RESTART_SEC,
     backoff_file,
 )
+
+# The only fields kept; result (a word) is for people reading the file.
+_NUMBERS = ("failures", "next_start", "started", "last_failure")
 
 
 def delay(failures: int) -> float:
@@ -57,17 +61,24 @@ def failures_in_a_row(previous: int, ran: float) -> int:
 
 
 def load(path: Path) -> dict:
-    """The state in path, or {}; never follows a symlink (root reads these files too)."""
+    """The state in path, or {}. Root reads these files too (`unitgen status`), and the
+    app's user writes them: no link is followed, a FIFO does not block, only a regular
+    file's first 4 KiB are read, and only numbers are kept."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return {}
     try:
         with os.fdopen(fd) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return {}
             state = json.loads(f.read(4096))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
-    return state if isinstance(state, dict) else {}
+    if not isinstance(state, dict):
+        return {}
+    return {key: value for key, value in state.items()
+            if key in _NUMBERS and type(value) in (int, float) and 0 <= value < 1e12}
 
 
 def save(path: Path, state: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,12 @@ def counters_file(directory: Path, instance: int | str) -> Path:
     return directory / f"{instance}.counters.json"
 
 
+def runtime_directory_of_this_process() -> Path | None:
+    """$RUNTIME_DIRECTORY as systemd set it for this instance, or None (run by hand)."""
+    value = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(value) if value else None
+
+
 # --- what a running instance tells tools (status now; metrics and balance later) ---
 @dataclass(frozen=True)
 class Counters:
@@ -119,12 +126,18 @@ class Counters:
             data = json.loads(text)
             counters = cls(pid=data["pid"], requests=data["requests"], in_flight=data["in_flight"],
                            draining=data["draining"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return None
         ints = (counters.pid, counters.requests, counters.in_flight)
         if not all(type(v) is int and v >= 0 for v in ints) or type(counters.draining) is not bool:
             return None
         return counters
+
+    def publish(self, path: Path) -> None:
+        """Write to path by rename: a reader sees the old counters or the new ones."""
+        scratch = path.with_name(f".{path.name}.{self.pid}.tmp")
+        scratch.write_text(self.to_json())
+        os.replace(scratch, path)
 
     def status_text(self, started: str) -> str:
         """The STATUS= sentence for people (`systemctl status`); tools read the file."""

@@ -74,9 +74,35 @@ def test_install_refuses_a_root_helper_the_apps_user_can_write(box, venv_app):
     result = box.sh(f"{render} | unitgen install - --no-start", check=False)
     assert result.returncode != 0
     assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # one line
-    assert "is writable by user appuser" in result.stderr and result.stderr.startswith("unitgen: error: ")
+    assert "alert helper's interpreter" in result.stderr and result.stderr.startswith("unitgen: error: ")
     assert box.run("ls", "-R", "/etc/systemd/system").stdout == before
     assert probe_uids(box) == []  # the probe of the helper's interpreter ran nothing from the venv
+
+
+def test_install_refuses_root_instances_and_sockets_in_directories_others_write(box):
+    box.sh("mkdir -p /srv/open && chmod 1777 /srv/open")
+    for args, expected in (
+        (["--user", "root"], "--user root: the instances would run as root"),
+        (["--user", "0"], "--user root: the instances would run as root"),
+        (["--listen", "/srv/open/app.sock"], "/srv/open is writable by its group or by others"),
+        (["--on-failure", "x.service", "--helper-script", "/srv/open/alert.py"], "alert helper"),
+    ):
+        bundle = box.run("unitgen", "render", "--no-check", "--app", "x:app", "--name", "zzroot", *args).stdout
+        result = box.run("unitgen", "install", "-", "--no-start", input=bundle, check=False)
+        assert result.returncode != 0 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert expected in result.stderr, result.stderr
+    assert box.run("test", "-e", "/etc/systemd/system/zzroot.socket", check=False).returncode != 0
+
+
+def test_render_as_root_imports_the_app_in_a_transient_unit(box):
+    result = box.run("unitgen", "render", "--app", "nosuchmodule:app", "--workdir", "/srv/apps", check=False)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "unitgen: error: --app nosuchmodule:app does not load in /srv/apps: cannot import 'nosuchmodule': No module "
+        "named 'nosuchmodule'; fix the module, --workdir, --python or --env, or pass --no-check to render for "
+        "another host"], result.stderr
+    ok = box.run("unitgen", "render", "--app", "stateapp:app", "--workdir", "/srv/apps")
+    assert ok.stderr == "" and "==> stateapp.socket <==" in ok.stdout
 
 
 SYSTEM_UNITS = ["dbus.service", "dbus.socket", "ssh.service", "systemd-journald.service",

@@ -111,14 +111,34 @@ def test_alert_counts_from_systemd_data_in_a_directory_of_its_own(tmp_path, monk
         monkeypatch.setattr(os, "environ", dict(env))
         assert alert.main(["app@1.service", "alert@app@1.service.service"]) == 0
         assert os.environ == {"PATH": alert.SAFE_PATH, "LANG": "C.UTF-8"}  # dropped at once
-    assert started == [("start", "--no-block", "alert@app@1.service.service")]  # the 3rd, once
+    assert started == [("start", "--no-block", "--", "alert@app@1.service.service")]  # the 3rd, once
     monkeypatch.setattr(os, "environ", {"SERVICE_RESULT": "success"})
     alert.main(["app@1.service", "alert@app@1.service.service"])
     assert list((tmp_path / "alerts").iterdir()) == []
     assert (tmp_path / "alerts").stat().st_mode & 0o077 == 0
 
 
+def test_state_the_apps_user_writes_cannot_hang_or_crash_a_root_reader(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert backoff.load(fifo) == {}  # does not block
+    deep = tmp_path / "deep"
+    deep.write_text("[" * 3000 + "]" * 3000)
+    assert backoff.load(deep) == {}
+    typed = tmp_path / "typed"
+    typed.write_text(json.dumps({"failures": "\x1b[2J", "next_start": "x", "started": 5, "last_failure": True}))
+    assert backoff.load(typed) == {"started": 5}
+
+
+def test_the_alert_script_runs_as_root_would_run_it(tmp_path):
+    # -I -S: no site-packages; the script finds its own package and nothing else.
+    script = os.path.join(os.path.dirname(alert.__file__), "alert.py")
+    result = subprocess.run([sys.executable, "-I", "-S", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "usage:" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("argv", [["../../etc@1.service", "a.service"], ["app@1.service", "a;b.service"],
+                                  ["app@1.service", "-Hevil.example:x.service"],
                                   ["app@x.service", "a.service"], ["app@1.service"]])
 def test_alert_refuses_what_is_not_a_unit_name(argv, monkeypatch, tmp_path):
     monkeypatch.setattr(alert, "ALERT_STATE_DIR", tmp_path)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-COMMON = ["--no-check", "--python", "/usr/bin/python3", "--helper-python", "/usr/bin/python3"]
+COMMON = ["--no-check", "--python", "/usr/bin/python3", "--helper-python", "/usr/bin/python3",
+          "--helper-script", "/usr/lib/python3/dist-packages/unitgen_worker/alert.py"]
 CASES = {
     "minimal": ["--app", "hello:app", "--cores", "2", "--workdir", "/srv/apps"],
     "everything": [
