@@ -81,6 +81,9 @@ def demo(box: Container, seconds: int) -> int:
     say("unitgen uninstall hello")
     box.run("unitgen", "uninstall", "hello")
     print("units removed, port closed")
+    if failed or requests == 0:
+        say(f"FAILED: {failed} of {requests} requests failed; the demo's whole point is 0")
+        return 1
     return 0
 
 

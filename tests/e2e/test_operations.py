@@ -125,6 +125,22 @@ def test_scale_2_4_1_survives_daemon_reload_and_target_restart(box, deploy):
     assert [row["unit"] for row in status["instances"] if row["wanted"]] == [f"{app.name}@0.service"]
 
 
+def test_show_prints_the_saved_spec_and_a_rerender_reproduces_the_installed_units(box, deploy):
+    app = deploy("lifecycle:app", "--cores", "2", "--drain-timeout", "7")
+    box.run("unitgen", "scale", app.name, "3")
+    saved = box.run("unitgen", "show", app.name).stdout
+    spec = json.loads(saved)
+    assert (spec["schema"], spec["name"], spec["app"], spec["instances"], spec["drain_timeout"]) == (
+        1, app.name, "lifecycle:app", 3, 7)
+    bundle = box.run("unitgen", "render", "--spec", "-", "--no-check", input=saved).stdout
+    sections = re.split(r"^==> (\S+) <==\n", bundle, flags=re.M)[1:]
+    rendered = {name: text.rstrip("\n") + "\n" for name, text in zip(sections[::2], sections[1::2], strict=True)}
+    assert sorted(rendered) == sorted([f"{app.name}.socket", f"{app.name}@.service", f"{app.name}.target",
+                                       f"{app.name}.unitgen.json"])
+    for name, text in rendered.items():
+        assert box.run("cat", f"/etc/systemd/system/{name}").stdout == text, name
+
+
 def test_scale_rejects_bad_counts(box, deploy):
     app = deploy("lifecycle:app", "--cores", "1")
     for bad in ("0", "-1", "abc"):

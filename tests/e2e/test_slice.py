@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,21 @@ def test_cores_auto_is_one_instance_per_usable_cpu(box, deploy):
     wants = app.show(f"{app.name}.target", "Wants").split()
     assert sorted(wants) == sorted(f"{app.name}@{i}.service" for i in range(cpus))
     assert len(app.instance_pids()) == cpus
+
+
+@pytest.mark.parametrize("limit,expected", [
+    ("CPUAffinity=1", 1), ("CPUAffinity=0-1", 2), ("CPUQuota=100%", 1), ("CPUQuota=50%", 1), ("CPUQuota=150%", 2)])
+def test_cores_auto_follows_a_real_cpu_limit(box, limit, expected):
+    # Fixed expectations, never nproc (which reads the same affinity mask as unitgen).
+    assert int(box.run("nproc").stdout) == 2, "these cases assume a 2-CPU machine"
+    if limit.startswith("CPUQuota") and "cpu" not in box.run("cat", "/sys/fs/cgroup/cgroup.controllers").stdout.split():
+        # This host runs cgroup v1, so the containers' cgroup v2 tree has no cpu
+        # controller: systemd cannot enforce CPUQuota= and 2 CPUs really are usable.
+        pytest.skip("the test bed has no cgroup v2 cpu controller (host on cgroup v1); see test_spec's cpu.max tests")
+    out = box.run("systemd-run", "--wait", "--pipe", "-q", "-p", limit, "unitgen", "render", "--no-check",
+                  "--app", "x:app", "--name", "cores", "--cores", "auto").stdout
+    wants = re.search(r"^Wants=(.*)$", out, re.M).group(1).split()
+    assert len(wants) == expected, (limit, wants)
 
 
 @pytest.mark.parametrize("module", ["flaskapp", "starletteapp"])
