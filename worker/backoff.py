@@ -114,10 +114,15 @@ def wait(path: Path, unit: str) -> float | None:
     if pause:
         print(f"{unit}: failed {failures} times in a row; starting again in {pause:.1f} s",
               file=sys.stderr, flush=True)
-        # No handler: SIGTERM is blocked and waited for, together with the timeout.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        if signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, pause) is not None:
-            return None
+        # No handler: SIGTERM is blocked and waited for, together with the timeout; the
+        # mask is restored after (an exec'd child would inherit a blocked SIGTERM).
+        stop = {signal.SIGTERM, signal.SIGINT}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        try:
+            if signal.sigtimedwait(stop, pause) is not None:
+                return None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     state["started"] = time.monotonic()
     save(path, state)
     return pause

@@ -60,6 +60,13 @@ def test_a_restart_waits_the_delay_less_restart_sec(path):
     assert time.monotonic() - began >= backoff.delay(2) - backoff.RESTART_SEC
 
 
+def test_wait_leaves_the_signal_mask_as_it_found_it(path):
+    backoff.record(path, "exit-code", "1", time.monotonic())
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    backoff.wait(path, "app@0.service")
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
 def test_state_behind_a_symlink_is_not_read(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text(json.dumps({"failures": 7}))
