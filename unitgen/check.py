@@ -46,8 +46,7 @@ def _command(spec: AppSpec) -> list[str] | None:
         who = [f"--uid={spec.user}"] if spec.user else ["-p", "DynamicUser=yes"]
         env = [f"--setenv={key}={value}" for key, value in spec.env]
         return ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec",
-                f"--working-directory={spec.workdir}", *who, "-p", "NoNewPrivileges=yes",
-                "-p", "ProtectSystem=strict", "-p", "PrivateTmp=yes", *env, *argv]
+                f"--working-directory={spec.workdir}", *who, "-p", "NoNewPrivileges=yes", *env, *argv]
     if spec.user and (os.geteuid() == 0 or _is_me(spec.user)):
         return argv
     return None
