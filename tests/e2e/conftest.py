@@ -9,19 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FLAGS, apt_install
+from helpers import FLAGS, apt_install, unavailable
 from testbed import SUITES, Container, TestbedError, free_port, missing_tools
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 _names = itertools.count()
-
-
-def _unavailable(message: str) -> None:
-    """No test bed: a failure, unless a developer opted out outside CI."""
-    if os.environ.get("UNITGEN_E2E") == "skip" and os.environ.get("CI") != "true":
-        pytest.skip(message)
-    pytest.fail(f"the e2e test bed cannot start: {message}", pytrace=False)
 
 
 UPGRADE_VERSION = "0.1.0+upgrade1"
@@ -48,9 +41,9 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session", params=list(SUITES))
 def box(request: pytest.FixtureRequest, debs: dict[str, Path]):
     if os.geteuid() != 0:
-        _unavailable("the e2e tests boot containers and must run as root")
+        unavailable("the e2e tests boot containers and must run as root")
     if missing_tools():
-        _unavailable(f"missing {', '.join(missing_tools())}: apt-get install systemd-container debootstrap util-linux")
+        unavailable(f"missing {', '.join(missing_tools())}: apt-get install systemd-container debootstrap util-linux")
     binds = {str(debs["current"].parent): "/debs", str(HERE / "apps"): "/srv/apps",
              str(ROOT / "examples"): "/srv/examples",
              str(ROOT / "tests/golden"): "/srv/golden"}
@@ -58,7 +51,7 @@ def box(request: pytest.FixtureRequest, debs: dict[str, Path]):
         container = Container(request.param, binds)
         container.boot()
     except TestbedError as err:
-        _unavailable(str(err))
+        unavailable(str(err))
     try:
         # The whole suite runs against the installed package, not the source tree.
         apt_install(container, f"/debs/{debs['current'].name}")

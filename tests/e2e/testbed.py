@@ -1,10 +1,11 @@
 """Real systemd as PID 1 of a Debian container (systemd-nspawn), for the e2e tests.
 
-Root file systems are built once by mkrootfs.sh and cached outside the checkout
-(UNITGEN_TESTBED_CACHE, default /var/cache/unitgen-testbed). Each boot runs on a
-throwaway overlay (--volatile=overlay), so the cache is never changed by a test.
-The container shares the host's network namespace: a socket unit listening on
-127.0.0.1:PORT inside is reachable from the test on the host.
+Root file systems are built once by mkrootfs.sh (mkpristine.sh for the "pristine"
+flavour) and cached outside the checkout (UNITGEN_TESTBED_CACHE, default
+/var/cache/unitgen-testbed). Each boot runs on a throwaway overlay
+(--volatile=overlay), so the cache is never changed by a test. The container shares
+the host's network namespace: a socket unit listening on 127.0.0.1:PORT inside is
+reachable from the test on the host.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("UNITGEN_TESTBED_CACHE", "/var/cache/unitgen-testbed"))
 # Debian release -> the systemd version it ships.
 SUITES = {"bookworm": 252, "trixie": 257}
+# Flavour of root file system -> the script that builds it, and its cache name after SUITE:
+# "e2e" has what the e2e test apps import, "pristine" only what booting needs.
+FLAVOURS = {"e2e": ("mkrootfs.sh", ""), "pristine": ("mkpristine.sh", "-pristine")}
 CLEAN_ENV = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]
 
 
@@ -33,24 +37,26 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("systemd-nspawn", "debootstrap", "nsenter") if shutil.which(tool) is None]
 
 
-def ensure_rootfs(suite: str) -> Path:
+def ensure_rootfs(suite: str, flavour: str = "e2e") -> Path:
     """The cached root file system of suite, built on first use (about 2 minutes)."""
-    rootfs = CACHE / suite
+    script, suffix = FLAVOURS[flavour]
+    name = suite + suffix
+    rootfs = CACHE / name
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f".{suite}.lock", "w") as lock:
+    with open(CACHE / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp = hashlib.sha256((HERE / "mkrootfs.sh").read_bytes()).hexdigest()
+        stamp = hashlib.sha256((HERE / script).read_bytes()).hexdigest()
         try:
             current = (rootfs / ".unitgen-rootfs").read_text().strip()
         except OSError:
             current = ""
         if current != stamp:
-            log = CACHE / f"{suite}.log"
+            log = CACHE / f"{name}.log"
             with open(log, "w") as out:
-                result = subprocess.run([str(HERE / "mkrootfs.sh"), suite, str(rootfs)],
+                result = subprocess.run([str(HERE / script), suite, str(rootfs)],
                                         stdout=out, stderr=subprocess.STDOUT)
             if result.returncode != 0:
-                raise TestbedError(f"debootstrap of {suite} failed; see {log}")
+                raise TestbedError(f"debootstrap of {name} failed; see {log}")
     return rootfs
 
 
@@ -71,10 +77,10 @@ def _children(pid: int) -> list[int]:
 class Container:
     """One booted container; run() executes a command inside it as root."""
 
-    def __init__(self, suite: str, binds: dict[str, str]) -> None:
+    def __init__(self, suite: str, binds: dict[str, str], flavour: str = "e2e") -> None:
         self.suite = suite
         self.systemd_version = SUITES[suite]
-        self.rootfs = ensure_rootfs(suite)
+        self.rootfs = ensure_rootfs(suite, flavour)
         self.binds = binds
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid1 = 0
