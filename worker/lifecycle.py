@@ -1,34 +1,26 @@
-"""An instance's life after READY=1: watchdog pings, STATUS= counters, and the drain.
+"""What an instance counts and tells systemd from READY=1 until it exits.
 
-Everything here runs on the serving event loop. That is the point of the watchdog: a
-loop that is blocked stops pinging, and systemd kills and restarts the instance.
-
-The drain fails no request, keep-alive included. On SIGTERM the instance
-1. tells systemd STOPPING=1 and closes its own copy of the listening socket (systemd
-   and the sibling instances keep theirs, so new connections go to them);
-2. answers every request from then on with `Connection: close`, so each client moves
-   to a sibling after its next response instead of finding its connection closed
-   while its next request is on the wire;
-3. waits until nothing is in flight and nothing has happened for QUIET seconds;
-4. only then lets uvicorn close what is left (idle connections nobody is using).
-At the drain timeout, long-lived connections (WebSocket, streams) are closed.
+RunState holds the counters; TrackRequests keeps them and, once the drain has begun,
+tells every client to close; ping() sends WATCHDOG=1 and STATUS= from the serving event
+loop. The drain itself is one sequence, WorkerServer.shutdown() in server.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from unitgen_worker.contract import FORCE_AFTER, QUIET, STATUS_EVERY, Counters
 from unitgen_worker.sd import notify
 
+__all__ = ["FORCE_AFTER", "QUIET", "RunState", "TrackRequests", "ping"]
 log = logging.getLogger("unitgen.worker")
-QUIET = 0.5  # seconds with no request activity before idle connections are closed
-TICK = 0.1  # how often the supervisor looks around
-FORCE_AFTER = 2.0  # seconds after closing connections at the drain timeout before exiting anyway
 
 
 @dataclass
@@ -39,13 +31,18 @@ class RunState:
     served: int = 0
     in_flight: int = 0
     last_activity: float = field(default_factory=time.monotonic)
-    stop_requested: bool = False  # set by the signal handler, acted on by supervise()
     draining: bool = False
 
+    def counters(self) -> Counters:
+        return Counters(pid=os.getpid(), requests=self.served, in_flight=self.in_flight, draining=self.draining)
+
     def status(self) -> str:
-        phase = "draining" if self.draining else "serving"
-        since = self.started.strftime("%Y-%m-%d %H:%M:%S UTC")
-        return f"{phase}: {self.served} requests, {self.in_flight} in flight, up since {since}"
+        """STATUS= for people; tools read the counters file (contract.Counters)."""
+        return self.counters().status_text(self.started.strftime("%Y-%m-%d %H:%M:%S UTC"))
+
+    def quiet(self) -> bool:
+        """Nothing in flight and nothing has happened for QUIET seconds."""
+        return self.in_flight == 0 and time.monotonic() - self.last_activity >= QUIET
 
 
 class TrackRequests:
@@ -77,71 +74,30 @@ class TrackRequests:
             state.last_activity = time.monotonic()
 
 
-def _begin_drain(server: Any, state: RunState) -> None:
-    state.draining = True
-    notify(f"STOPPING=1\nSTATUS={state.status()}")
-    log.info("draining: %d requests in flight", state.in_flight)
-    # Close only this process's copy of the listening socket: never shutdown(), which
-    # would stop it for systemd and every sibling too.
-    for listener in getattr(server, "servers", []):
-        listener.close()
+async def ping(state: RunState, watchdog_interval: float | None, counters_path: Path | None = None) -> None:
+    """WATCHDOG=1 every watchdog_interval seconds (None: never); STATUS= and the counters
+    file (counters_path, None: none) every second.
 
-
-def _close_connections(server: Any) -> int:
-    connections = list(server.server_state.connections)
-    for connection in connections:
-        transport = getattr(connection, "transport", None)
-        if transport is not None:
-            transport.close()
-    return len(connections)
-
-
-class Supervisor:
-    """Runs from READY=1 until the drain is over; then uvicorn shuts down."""
-
-    def __init__(self, server: Any, state: RunState, *, drain_timeout: float, watchdog_interval: float | None) -> None:
-        self.server = server
-        self.state = state
-        self.drain_timeout = drain_timeout
-        self.watchdog_interval = watchdog_interval
-        self.next_ping = self.next_status = 0.0
-        self.deadline: float | None = None
-        self.force_at: float | None = None
-
-    async def run(self) -> None:
-        while True:
-            try:
-                if self.tick(time.monotonic()):
-                    return
-            except Exception:  # noqa: BLE001 - a dead supervisor would never drain
-                log.exception("supervisor tick failed")
-            await asyncio.sleep(TICK)
-
-    def tick(self, now: float) -> bool:
-        """One look around; True once the drain is over."""
-        server, state = self.server, self.state
-        if self.watchdog_interval and now >= self.next_ping:
+    Runs as a task on the serving event loop until cancelled, on purpose: a loop that is
+    blocked stops pinging, and systemd kills it (SIGABRT) and restarts the instance.
+    """
+    failing = False
+    next_ping = next_status = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if watchdog_interval and now >= next_ping:
             notify("WATCHDOG=1")
-            self.next_ping = now + self.watchdog_interval
-        if now >= self.next_status:
+            next_ping = now + watchdog_interval
+        if now >= next_status:
             notify(f"STATUS={state.status()}")
-            self.next_status = now + 1.0
-        if state.stop_requested and not state.draining:
-            _begin_drain(server, state)
-            self.deadline = now + self.drain_timeout
-        if not state.draining:
-            return False
-        if state.in_flight == 0 and now - state.last_activity >= QUIET:
-            log.info("drained: %d requests served", state.served)
-            server.should_exit = True
-            return True
-        if self.force_at is None and self.deadline is not None and now >= self.deadline:
-            closed = _close_connections(server)
-            log.warning("drain timeout (%.0f s): closed %d connections, %d requests unfinished",
-                        self.drain_timeout, closed, state.in_flight)
-            server.should_exit = True
-            self.force_at = now + FORCE_AFTER
-        if self.force_at is not None and now >= self.force_at:
-            server.force_exit = True
-            return True
-        return False
+            if counters_path is not None:
+                try:
+                    state.counters().publish(counters_path)
+                    failing = False
+                except OSError as err:  # a full or read-only /run must not stop the pings
+                    if not failing:
+                        log.warning("cannot write %s: %s", counters_path, err)
+                    failing = True
+            next_status = now + STATUS_EVERY
+        due = min(next_ping, next_status) if watchdog_interval else next_status
+        await asyncio.sleep(due - time.monotonic())

@@ -1,50 +1,152 @@
-"""Serve the app with uvicorn on the inherited sockets; READY=1 once it really is."""
+"""Serve the app with uvicorn on the inherited sockets: READY=1 once it really is, and a
+drain on SIGTERM that fails no request, keep-alive included.
+
+The drain is WorkerServer.shutdown(): one sequence, read top to bottom like uvicorn's
+own Server.shutdown(), which is its last step:
+1. STOPPING=1, and close this process's copy of the listening sockets: systemd and the
+   sibling instances keep theirs, so new connections go to them;
+2. answer every request from then on with `Connection: close`, so each client moves to a
+   sibling after its next response instead of finding its connection closed while its
+   next request is on the wire;
+3. wait until nothing is in flight and nothing has happened for QUIET seconds, at most
+   the drain timeout; at the timeout, close the connections left (streams, WebSockets);
+4. uvicorn's own shutdown: it closes the idle connections and runs the lifespan
+   shutdown; after a drain timeout, it gets FORCE_AFTER seconds before force_exit.
+
+It has to work from uvicorn 0.17.6 (Debian 12) to the current release, so it uses only
+what they all have: Server.startup()/shutdown(sockets=), `servers`,
+`server_state.connections`, should_exit/force_exit, and main_loop(), which looks at
+should_exit every 0.1 s and then returns for serve() to call shutdown().
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Iterable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from unitgen_worker.lifecycle import RunState, Supervisor, TrackRequests
+from unitgen_worker.lifecycle import FORCE_AFTER, RunState, TrackRequests, ping
 from unitgen_worker.sd import notify, watchdog_interval
 
 log = logging.getLogger("unitgen.worker")
+POLL = 0.1  # how often the drain looks whether it is quiet, as uvicorn's own waits do
 
 
 class WorkerServer(uvicorn.Server):
     """uvicorn's Server with systemd's lifecycle: READY=1 after startup, our drain on SIGTERM."""
 
-    def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float,
+                 counters_path: Path | None = None) -> None:
         super().__init__(config)
         self.state = state
         self.drain_timeout = drain_timeout
-        self.supervisor: asyncio.Future[None] | None = None
+        self.counters_path = counters_path
+        self.pinger: asyncio.Task[None] | None = None  # from READY=1 on
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # A signal handler only sets a flag; supervise() drains on the event loop.
-        # A second SIGINT (Ctrl-C by hand) skips the drain.
-        if sig == signal.SIGINT and self.state.stop_requested:
-            self.should_exit = self.force_exit = True
-        self.state.stop_requested = True
-        if self.supervisor is None:  # still starting up: nothing to drain yet
-            self.should_exit = True
+        # Only flags: main_loop() sees should_exit and returns, then shutdown() drains.
+        # uvicorn 0.32 and later install this with signal.signal(), so it runs between
+        # any two bytecodes of the loop; they would also record the signal and raise it
+        # again after serve(), killing the process instead of exit 0, so it is not
+        # recorded. A second SIGINT (Ctrl-C by hand) skips the rest of the drain.
+        if sig == signal.SIGINT and self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            if self.pinger is not None:
+                self.pinger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.pinger
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's startup runs the ASGI lifespan startup, then listens; `started`
-        # is set only when both succeeded.
-        await super().startup(sockets=sockets)
-        if not self.started or self.should_exit:
+        # uvicorn's startup runs the ASGI lifespan startup, then listens; `started` is
+        # set only when both succeeded.
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            # A failed lifespan startup: uvicorn 0.17.6 and 0.32 set should_exit, newer
+            # ones sys.exit(3). Either way serve() returns, and our serve() says False.
+            self.should_exit = True
             return
-        supervisor = Supervisor(self, self.state, drain_timeout=self.drain_timeout,
-                                watchdog_interval=watchdog_interval())
-        self.supervisor = asyncio.ensure_future(supervisor.run())
+        if not self.started or self.should_exit:
+            return  # failed, or stopped during startup: no READY=1, nothing to drain
         notify(f"READY=1\nSTATUS={self.state.status()}")
+        self.pinger = asyncio.ensure_future(ping(self.state, watchdog_interval(), self.counters_path))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The drain, then uvicorn's shutdown; see this module's docstring."""
+        if self.pinger is None:  # stopped during startup (newer uvicorn still calls this)
+            await super().shutdown(sockets=sockets)
+            return
+        state = self.state
+        state.draining = True  # before STOPPING=1, whose STATUS= says "draining"
+        notify(f"STOPPING=1\nSTATUS={state.status()}")
+        log.info("draining: %d requests in flight", state.in_flight)
+        close_listeners(self.servers, sockets or [])
+
+        timed_out = False
+        try:
+            await asyncio.wait_for(self._until_quiet(), timeout=self.drain_timeout)
+        except TimeoutError:
+            timed_out = True
+            closed = close_connections(self.server_state.connections)
+            log.warning("drain timeout (%.0f s): closed %d connections, %d requests unfinished",
+                        self.drain_timeout, closed, state.in_flight)
+        else:
+            if self.force_exit:
+                log.warning("second SIGINT: drain cut short, %d requests unfinished", state.in_flight)
+            else:
+                log.info("drained: %d requests served", state.served)
+
+        uvicorn_shutdown = asyncio.ensure_future(super().shutdown(sockets=sockets))
+        if timed_out:
+            # The app's task for a connection closed above may never end: uvicorn's send()
+            # returns quietly on a closed connection, so a stream's loop goes on. uvicorn
+            # waits for those tasks with no limit on 0.17.6 (timeout_graceful_shutdown
+            # came later), and force_exit is what ends the wait on every version; it also
+            # skips the lifespan shutdown if that has not begun.
+            await asyncio.wait([uvicorn_shutdown], timeout=FORCE_AFTER)
+            self.force_exit = True
+        await uvicorn_shutdown
+
+    async def _until_quiet(self) -> None:
+        # Polled, as uvicorn's own waits are: requests start and end in other tasks.
+        while not (self.state.quiet() or self.force_exit):
+            await asyncio.sleep(POLL)
+
+
+def close_listeners(servers: Iterable[Any], sockets: Iterable[socket.socket]) -> None:
+    """Closes this process's copies of the listening sockets.
+
+    Never shutdown(), which would stop the socket for systemd and every sibling too, and
+    never unlink a unix socket: both belong to systemd's socket unit.
+    """
+    for server in servers:
+        server.close()  # asyncio closes the socket object; uvloop detaches it and closes the fd
+    for sock in sockets:
+        sock.close()  # already closed or detached by now: a no-op, as in uvicorn's shutdown
+
+
+def close_connections(connections: Iterable[Any]) -> int:
+    """Closes every connection left, mid-response or not; returns how many."""
+    left = list(connections)
+    for connection in left:
+        transport = getattr(connection, "transport", None)
+        if transport is not None:
+            transport.close()
+    return len(left)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -55,7 +157,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float) -> bool:
+def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float,
+          counters_path: Path | None = None) -> bool:
     """Run until the drain is over; False when startup failed."""
     state = RunState()
     config = uvicorn.Config(
@@ -64,7 +167,7 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
         log_config=None,  # journald already stamps and tags every line
         access_log=False,
     )
-    server = WorkerServer(config, state, drain_timeout=drain_timeout)
+    server = WorkerServer(config, state, drain_timeout=drain_timeout, counters_path=counters_path)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
