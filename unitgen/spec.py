@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from unitgen.errors import die
 from unitgen.escape import check_text
-from unitgen_worker.contract import instance_unit
+from unitgen_worker.contract import DRAIN_TIMEOUT, INTERFACES, WATCHDOG, instance_unit
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
@@ -33,7 +33,6 @@ _UNIT = re.compile(rf"(?=.{{1,200}}$){_UNIT_PART}(?:@{_UNIT_PART})?\.(?:service|
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|0|(?!65535\Z)[1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}"
                    r"|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}"
                    r"|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-4]")
-INTERFACES = ("auto", "asgi", "wsgi")
 HARDENING = ("strict", "relaxed")
 # systemd.special(7): names whose units the whole boot relies on. An app named so would
 # write NAME.target or NAME.socket over them.
@@ -74,8 +73,8 @@ class AppSpec:
     env: tuple[tuple[str, str], ...] = ()
     user: str | None = None
     interface: str = "auto"
-    watchdog: int = 10  # WatchdogSec=; 0 turns the watchdog off
-    drain_timeout: int = 30  # seconds in-flight requests get after SIGTERM
+    watchdog: int = WATCHDOG  # WatchdogSec=; 0 turns the watchdog off
+    drain_timeout: int = DRAIN_TIMEOUT  # seconds in-flight requests get after SIGTERM
     on_failure: str | None = None  # OnFailure= unit, e.g. an alerting service
     writable: tuple[str, ...] = ()  # ReadWritePaths= beside the state directory
     hardening: str = "strict"  # or "relaxed": the documented escape hatch

@@ -6,7 +6,13 @@ import faulthandler
 import logging
 import sys
 
-from unitgen_worker.contract import EXIT_CONFIG, EXIT_STARTUP, WorkerConfig
+from unitgen_worker.contract import (
+    EXIT_CONFIG,
+    EXIT_STARTUP,
+    WorkerConfig,
+    counters_file,
+    runtime_directory_of_this_process,
+)
 from unitgen_worker.loader import ConfigError, as_asgi, detect_interface, import_app
 from unitgen_worker.sd import NoSocketError, adopt_listen_sockets
 
@@ -51,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("instance %s serving %s (%s)", args.instance, args.app, interface)
     lifespan = "auto" if interface == "asgi" else "off"
-    if not serve(as_asgi(app, interface), sockets, lifespan=lifespan, drain_timeout=args.drain_timeout):
+    runtime = runtime_directory_of_this_process()
+    counters = counters_file(runtime, args.instance) if runtime else None
+    if not serve(as_asgi(app, interface), sockets, lifespan=lifespan, drain_timeout=args.drain_timeout,
+                 counters_path=counters):
         return EXIT_STARTUP
     return 0
 

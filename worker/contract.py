@@ -23,6 +23,9 @@ DRAIN_TIMEOUT = 30  # seconds requests get after SIGTERM before connections are 
 # forced exit after the drain timeout (lifecycle) fit in it with room to spare.
 STOP_MARGIN = 15
 WATCHDOG = 10  # WatchdogSec= by default
+QUIET = 0.5  # seconds with no request activity before a drain is over
+FORCE_AFTER = 2.0  # seconds after closing connections at the drain timeout before exiting anyway
+STATUS_EVERY = 1.0  # seconds between STATUS= and counters file updates
 INSTANCE_SPECIFIER = "%i"  # in a unit file: systemd puts the instance number here
 
 

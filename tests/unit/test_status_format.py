@@ -1,7 +1,8 @@
 """Pure pieces of status and logs: formatting and how journal lines are tagged."""
 
 from unitgen.ops import _format
-from unitgen.status import _bytes, _human, table
+from unitgen.status import AppStatus, InstanceStatus, _bytes, _human, read_counters, table
+from unitgen_worker.contract import Counters, counters_file
 
 
 def test_human_durations_and_sizes():
@@ -21,17 +22,33 @@ def test_journal_lines_are_tagged_with_their_instance():
 
 
 def test_table_has_a_row_per_instance_and_notes_crash_loops():
-    row = {"unit": "a@0.service", "instance": 0, "wanted": True, "state": "activating", "sub_state": "start-pre",
-           "pid": None, "uptime_seconds": None, "memory_bytes": None, "rss_bytes": None, "restarts": 4,
-           "requests": None, "in_flight": None, "failures": 5, "next_attempt": "2026-11-22T21:40:00+00:00"}
-    status = {"name": "a", "app": "a:app", "socket": {"unit": "a.socket", "state": "active", "listen": ["8000"]},
-              "instances": [row, {**row, "unit": "a@1.service", "instance": 1, "wanted": False, "state": "active",
-                                  "sub_state": "running", "pid": 42, "uptime_seconds": 61, "rss_bytes": 2048,
-                                  "restarts": 0, "requests": 7, "in_flight": 1, "failures": 0,
-                                  "next_attempt": None}]}
+    row = InstanceStatus(unit="a@0.service", instance=0, wanted=True, state="activating", sub_state="start-pre",
+                         pid=None, uptime_seconds=None, memory_bytes=None, rss_bytes=None, restarts=4,
+                         requests=None, in_flight=None, failures=5, next_attempt="2026-11-22T21:40:00+00:00")
+    other = InstanceStatus(unit="a@1.service", instance=1, wanted=False, state="active", sub_state="running",
+                           pid=42, uptime_seconds=61, memory_bytes=None, rss_bytes=2048, restarts=0, requests=7,
+                           in_flight=1, failures=0, next_attempt=None)
+    status = AppStatus(name="a", app="a:app", socket_unit="a.socket", socket_state="active", listen=("8000",),
+                       instances=(row, other))
     lines = table(status).splitlines()
     assert lines[0] == "a (a:app): socket a.socket active on 8000"
     assert lines[2].split()[:6] == ["a@0.service", "activating/start-pre", "-", "-", "-", "4"]
     assert "5 failures in a row; next attempt 2026-11-22T21:40:00+00:00" in lines[2]
     assert lines[3].split()[:9] == ["a@1.service", "active/running", "42", "1m01s", "2.0K", "rss", "0", "7", "1"]
     assert lines[3].endswith("not wanted (scaled down)")
+    document = status.to_dict()
+    assert document["schema"] == 1 and document["socket"] == {"unit": "a.socket", "state": "active",
+                                                               "listen": ["8000"]}
+    assert document["instances"][1]["requests"] == 7 and list(document["instances"][0])[:3] == [
+        "unit", "instance", "wanted"]
+
+
+def test_counters_are_read_only_from_the_current_process_and_as_data(tmp_path):
+    Counters(pid=42, requests=9, in_flight=2).publish(counters_file(tmp_path, 0))
+    assert read_counters(tmp_path, 0, 42) == Counters(pid=42, requests=9, in_flight=2)
+    assert read_counters(tmp_path, 0, 43) is None  # left by a process that is gone
+    counters_file(tmp_path, 1).write_text('{"schema": 1, "pid": 42, "requests": "9", "in_flight": 0, '
+                                          '"draining": false}')
+    assert read_counters(tmp_path, 1, 42) is None
+    counters_file(tmp_path, 2).symlink_to(counters_file(tmp_path, 0))
+    assert read_counters(tmp_path, 2, 42) is None
