@@ -108,21 +108,22 @@ def wait(path: Path, unit: str) -> float | None:
     control process killed by SIGTERM would make systemd's stop-post see
     SERVICE_RESULT=signal and count a failure that never happened.
     """
-    state = load(path)
-    failures = int(state.get("failures", 0) or 0)
-    pause = max(0.0, delay(failures) - RESTART_SEC)
-    if pause:
-        print(f"{unit}: failed {failures} times in a row; starting again in {pause:.1f} s",
-              file=sys.stderr, flush=True)
-        # No handler: SIGTERM is blocked and waited for, together with the timeout; the
-        # mask is restored after (an exec'd child would inherit a blocked SIGTERM).
-        stop = {signal.SIGTERM, signal.SIGINT}
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        try:
+    # No handler: SIGTERM is blocked from here and waited for together with the timeout
+    # (blocked before anything is said, so a stop right after the line is not lost); the
+    # mask is restored after, as an exec'd child would inherit a blocked SIGTERM.
+    stop = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        state = load(path)
+        failures = int(state.get("failures", 0) or 0)
+        pause = max(0.0, delay(failures) - RESTART_SEC)
+        if pause:
+            print(f"{unit}: failed {failures} times in a row; starting again in {pause:.1f} s",
+                  file=sys.stderr, flush=True)
             if signal.sigtimedwait(stop, pause) is not None:
                 return None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     state["started"] = time.monotonic()
     save(path, state)
     return pause
