@@ -290,9 +290,13 @@ def parse_cidr(flag: str, value: str) -> str:
     if value in ("any", "localhost", "link-local", "multicast"):
         return value
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         die(f"{flag} {value!r} is not an IP address or network", hint=hint)
+    # Python takes an IPv6 zone ("fe80::1%eth0"); systemd's address lists do not.
+    if "%" in str(network):
+        die(f"{flag} {value!r} has an IPv6 zone (%...), which systemd does not filter by", hint=hint)
+    return str(network)
 
 
 def parse_interface(value: str) -> str:

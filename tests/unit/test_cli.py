@@ -18,6 +18,7 @@ BAD = [
     ["--app", "hello:app", "--on-failure", "a.service", "--env", "LD_PRELOAD=/srv/app/x.so"],
     ["--app", "hello:app", "--on-failure", "a.service", "--env", "TZ=:../../srv/tz"],
     ["--app", "hello:app", "--allow", "10.0.0.0/33"],
+    ["--app", "hello:app", "--allow", '2001:db8::%"/64'],     # a zone id, found by the property test
     ["--app", "hello:app", "--writable", "relative/path"],
     ["--app", "hello:app", "--hardening", "none"],
     ["--app", "hello:app", "--cores", "0"],
