@@ -76,8 +76,10 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         hardening=parse_hardening(args.hardening),
         allow=tuple(parse_cidr("--allow", value) for value in args.allow),
         deny=tuple(parse_cidr("--deny", value) for value in args.deny),
-        helper_python=parse_executable("--helper-python", args.helper_python or sys.executable),
-        helper_script=parse_executable("--helper-script", args.helper_script or str(Path(alert.__file__).resolve())),
+        helper_python=parse_executable("--helper-python", sys.executable if args.helper_python is None
+                                       else args.helper_python),
+        helper_script=parse_executable("--helper-script", str(Path(alert.__file__).resolve())
+                                       if args.helper_script is None else args.helper_script),
     )
 
 
