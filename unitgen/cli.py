@@ -21,6 +21,7 @@ from unitgen.spec import (
     HARDENING,
     INTERFACES,
     AppSpec,
+    check_on_failure,
     check_root_safe_env,
     default_name,
     parse_app,
@@ -57,10 +58,12 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         die("--listen names the same address twice", hint="give each address once")
     env = tuple(parse_env(value) for value in args.env)
     on_failure = parse_unit("--on-failure", args.on_failure) if args.on_failure is not None else None
+    name = parse_name(args.name if args.name is not None else default_name(app))
     if on_failure:
         check_root_safe_env(env)
+        check_on_failure(name, on_failure)
     return AppSpec(
-        name=parse_name(args.name if args.name is not None else default_name(app)),
+        name=name,
         app=app,
         instances=parse_cores(args.cores, usable=usable_cpus()),
         listen=listen,

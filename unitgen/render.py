@@ -81,8 +81,9 @@ def worker_command(spec: AppSpec) -> str:
     config = WorkerConfig(app=spec.app, interface=spec.interface, instance=INSTANCE_SPECIFIER,
                           drain_timeout=spec.drain_timeout)
     python, *args = worker_argv(spec.python, config)
-    # The interpreter is always quoted: systemd takes a bare first word differently.
-    return " ".join([quoted(python), *(_exec_word(word) for word in args)])
+    # The program's path is always quoted, and '$' is not doubled there: systemd expands
+    # variables in the arguments only, never in the path it executes.
+    return " ".join([path_word(python), *(_exec_word(word) for word in args)])
 
 
 def _under_home(path: str) -> bool:

@@ -134,6 +134,7 @@ def validated(spec: AppSpec) -> AppSpec:
     on_failure = parse_unit("--on-failure", spec.on_failure) if spec.on_failure is not None else None
     if on_failure:
         check_root_safe_env(env)
+        check_on_failure(spec.name, on_failure)
     for what, value in (("instances", spec.instances), ("watchdog", spec.watchdog),
                         ("drain_timeout", spec.drain_timeout)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -209,6 +210,9 @@ def _check_path(what: str, value: str, hint: str) -> str:
         die(f"{what} {value!r} has a backslash or surrounding white space", hint=hint)
     if os.path.normpath(value) != value or value.startswith("//"):
         die(f"{what} {value!r} is not a normalised path", hint=hint)
+    # systemd's path_is_valid(): NAME_MAX per component, PATH_MAX in all, in bytes.
+    if len(value.encode()) >= 4096 or any(len(part.encode()) > 255 for part in value.split("/")):
+        die(f"{what} has a name longer than 255 bytes or is longer than 4095 bytes", hint=hint)
     return value
 
 
@@ -231,6 +235,8 @@ def parse_listen(value: str) -> str:
     check_text("--listen", value, hint=hint)
     if value.startswith("/"):
         _check_path("--listen", value, hint)
+        if value == "/":
+            die("--listen / is a directory, not a socket path", hint=hint)
         if len(value.encode()) > _UNIX_PATH_MAX:
             die(f"--listen {value!r} is longer than a unix socket path may be", hint=hint)
         return value
@@ -240,6 +246,9 @@ def parse_listen(value: str) -> str:
     if not sep:
         return port
     if host.startswith("[") and host.endswith("]"):
+        # Python takes an IPv6 zone ("fe80::1%eth0"); ListenStream= does not.
+        if "%" in host:
+            die(f"--listen {value!r} has an IPv6 zone (%...)", hint=hint + "; bind the address without a zone")
         try:
             return f"[{ipaddress.IPv6Address(host[1:-1])}]:{int(port)}"
         except ValueError:
@@ -265,6 +274,15 @@ def parse_user(value: str) -> str:
     if not _USER.fullmatch(value):
         die(f"--user {value!r} is not a valid user name", hint=hint)
     return value
+
+
+def check_on_failure(name: str, unit: str) -> None:
+    """--on-failure must not name one of the app's own units, whatever the instance."""
+    expanded = (unit.replace("%N", f"{name}@0").replace("%n", f"{name}@0.service").replace("%p", name)
+                .replace("%i", "0"))
+    if expanded.startswith(f"{name}@") or expanded in (f"{name}.target", f"{name}.service"):
+        die(f"--on-failure {unit!r} names one of the app's own units",
+            hint="give the unit that alerts, such as alert@%n.service")
 
 
 def check_root_safe_env(env: tuple[tuple[str, str], ...]) -> None:
