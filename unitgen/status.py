@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +22,7 @@ from datetime import datetime, timezone
 from unitgen.escape import printable
 from unitgen.state import App, instance_number, show
 from unitgen_worker.backoff import load as load_backoff
-from unitgen_worker.contract import RUNTIME_ROOT, Counters, backoff_file, counters_file
+from unitgen_worker.contract import RUNTIME_ROOT, Counters, backoff_file, counters_file, read_app_file
 
 PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent", "NRestarts"]
 SCHEMA = 1
@@ -74,14 +72,8 @@ def _int(value: str | None) -> int | None:
 
 def read_counters(directory, instance: int, pid: int | None) -> Counters | None:
     """The instance's own counters, if its file is a regular one written by pid."""
-    try:
-        fd = os.open(counters_file(directory, instance), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        counters = Counters.from_json(f.read(4096))
+    text = read_app_file(counters_file(directory, instance))
+    counters = Counters.from_json(text) if text is not None else None
     return counters if counters is not None and pid and counters.pid == pid else None
 
 

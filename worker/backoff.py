@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from unitgen_worker.contract import (
     MAX_DELAY,
     RESTART_SEC,
     backoff_file,
+    read_app_file,
 )
 
 # The only fields kept; result (a word) is for people reading the file.
@@ -64,16 +64,10 @@ def load(path: Path) -> dict:
     """The state in path, or {}. Root reads these files too (`unitgen status`), and the
     app's user writes them: no link is followed, a FIFO does not block, only a regular
     file's first 4 KiB are read, and only numbers are kept."""
+    text = read_app_file(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return {}
-    try:
-        with os.fdopen(fd) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return {}
-            state = json.loads(f.read(4096))
-    except (OSError, ValueError, RecursionError):
+        state = json.loads(text) if text is not None else {}
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(state, dict):
         return {}

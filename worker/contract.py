@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,21 @@ def backoff_file(directory: Path, unit: str) -> Path:
 def counters_file(directory: Path, instance: int | str) -> Path:
     """Where a running instance publishes its Counters, at least once a second."""
     return directory / f"{instance}.counters.json"
+
+
+def read_app_file(path: Path, limit: int = 4096) -> str | None:
+    """The start of a file in an app's runtime directory, which the app's user writes and
+    root reads (`unitgen status`): never through a link, never blocking on a FIFO, only a
+    regular file, at most limit bytes. None when it is not such a file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, errors="replace") as f:
+            return f.read(limit) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+    except OSError:
+        return None
 
 
 def runtime_directory_of_this_process() -> Path | None:
