@@ -23,13 +23,13 @@ _DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
 _APP = re.compile(rf"({_DOTTED}):({_DOTTED})")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _ENV_KEY = re.compile(_IDENT)
-# useradd's portable set (what systemd accepts for User= without warning) or a uid.
 # A unit name, where %n, %N, %i and %p (this instance's names) may stand, as in
 # systemd's own OnFailure=failure-handler@%N.service.
 # As systemd's unit_name_is_valid(): PREFIX[@INSTANCE].SUFFIX, both parts non-empty.
 _UNIT_PART = r"(?:[A-Za-z0-9_.:-]|%[nNip])+"
 _UNIT = re.compile(rf"(?=.{{1,200}}$){_UNIT_PART}(?:@{_UNIT_PART})?\.(?:service|target)")
-# A uid as systemd's parse_uid() takes it: no leading zero, at most 4294967294, not 65535.
+# useradd's portable set (what systemd accepts for User= without warning), or a uid as
+# systemd's parse_uid() takes it: no leading zero, at most 4294967294, not 65535.
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|0|(?!65535\Z)[1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}"
                    r"|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}"
                    r"|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-4]")

@@ -334,6 +334,25 @@ def check_unit(unit: str, text: str, expected: list[tuple], table: dict[str, str
         assert decode(value, table) == want, f"{unit} [{section}] {key}={value}"
 
 
+def test_the_reader_reads_values_as_systemd_252_does():
+    # What systemd-analyze verify 252 echoed back for these values (in its warnings).
+    table = instance_table("a")
+    assert path_words('"rel\\x41tive\\q%%n$$"', table) == ["relx41tiveq%n$$"]
+    assert command('"/nonexist\\x41\\\\ %%n$$"', table) == ("", "/nonexistA\\ %n$$", [])
+    assert env_words('"1EMPTY=\\x41%%n$$"', table) == ["1EMPTY=A%n$$"]
+    assert rest_of_line('"rel\\x41 %%n"', table) == '"rel\\x41 %n"'
+    assert plain_words('"10.0.0.1" %n \\x41', table) == ['"10.0.0.1"', "%n", "x41"]
+
+
+def test_the_golden_units_hold_what_their_specs_ask_for():
+    golden = Path(__file__).resolve().parents[1] / "golden"
+    for saved in golden.glob(f"*/*{SPEC_SUFFIX}"):
+        spec = AppSpec.from_json(saved.read_text(), str(saved))
+        for unit, expected in expected_units(spec).items():
+            table = instance_table(spec.name) if unit.endswith("@.service") else {}
+            check_unit(unit, (saved.parent / unit).read_text(), expected, table)
+
+
 # --- the command lines ---------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class InScratch:
