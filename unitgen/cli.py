@@ -93,7 +93,10 @@ def write_out(files: dict[str, str], out: str) -> None:
         die(f"--out {out} exists and is not a directory", hint="give a directory")
     if not target.absolute().parent.is_dir():
         die(f"--out {out}: {target.absolute().parent} does not exist", hint="create it first")
-    target.mkdir(exist_ok=True)
+    try:
+        target.mkdir(exist_ok=True)
+    except OSError as err:
+        die(f"--out {out}: {err.strerror}", hint="give a directory whose path systemd and the kernel accept")
     write_files(files, target)
 
 

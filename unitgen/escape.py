@@ -15,6 +15,8 @@ from unitgen.errors import die
 
 def check_text(what: str, value: str, *, hint: str) -> str:
     """Reject control characters, invalid UTF-8 and empty values."""
+    if not isinstance(value, str):  # argparse turns an explicit "--" value into []
+        die(f"{what} has no value", hint=hint)
     if value == "":
         die(f"{what} is empty", hint=hint)
     for ch in value:

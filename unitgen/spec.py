@@ -28,9 +28,10 @@ _ENV_KEY = re.compile(_IDENT)
 # As systemd's unit_name_is_valid(): PREFIX[@INSTANCE].SUFFIX, both parts non-empty.
 _UNIT_PART = r"(?:[A-Za-z0-9_.:-]|%[nNip])+"
 _UNIT = re.compile(rf"(?=.{{1,200}}$){_UNIT_PART}(?:@{_UNIT_PART})?\.(?:service|target)")
-# useradd's portable set (what systemd accepts for User= without warning), or a uid as
-# systemd's parse_uid() takes it: no leading zero, at most 4294967294, not 65535.
-_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}|0|(?!65535\Z)[1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}"
+# useradd's portable set (what systemd accepts for User= without warning; for "nobody" it
+# warns that this is not safe), or a uid as systemd's parse_uid() takes it: no leading
+# zero, at most 4294967294, not 65535.
+_USER = re.compile(r"(?!nobody\Z)[A-Za-z_][A-Za-z0-9_-]{0,30}|0|(?!65535\Z)[1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}"
                    r"|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}"
                    r"|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-4]")
 HARDENING = ("strict", "relaxed")
@@ -278,8 +279,13 @@ def parse_user(value: str) -> str:
 
 def check_on_failure(name: str, unit: str) -> None:
     """--on-failure must not name one of the app's own units, whatever the instance."""
-    expanded = (unit.replace("%N", f"{name}@0").replace("%n", f"{name}@0.service").replace("%p", name)
-                .replace("%i", "0"))
+    # The longest instance number gives the longest name: systemd drops a longer one.
+    last = str(MAX_INSTANCES - 1)
+    expanded = (unit.replace("%N", f"{name}@{last}").replace("%n", f"{name}@{last}.service")
+                .replace("%p", name).replace("%i", last))
+    if len(expanded) > 255:
+        die(f"--on-failure {unit!r} is longer than 255 characters once expanded",
+            hint="give a shorter unit name, such as alert@%n.service")
     if expanded.startswith(f"{name}@") or expanded in (f"{name}.target", f"{name}.service"):
         die(f"--on-failure {unit!r} names one of the app's own units",
             hint="give the unit that alerts, such as alert@%n.service")

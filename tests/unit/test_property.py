@@ -494,8 +494,10 @@ FUZZ = {
     "--on-failure": mix(
         st.from_regex(r"(?:[A-Za-z0-9_.:@$ \\-]|%[nNipPIjxh%]?){1,20}\.(?:service|target|socket|timer)",
                       fullmatch=True),
-        st.builds(lambda spec, k, suffix: spec * k + suffix, st.sampled_from(["%n", "%N", "%i", "%p", "a%n"]),
-                  st.integers(1, 12), st.sampled_from([".service", ".target", "@x.service"])),
+        # Names that resolve to one of the app's own units, or to more than 255 characters.
+        st.builds(lambda head, spec, k, suffix: head + spec * k + suffix, st.sampled_from(["", "x", "x@"]),
+                  st.sampled_from(["%n", "%N", "%i", "%p", "a%n"]), st.integers(1, 90),
+                  st.sampled_from([".service", ".target", "@x.service"])),
         LONG.map(lambda s: s.replace("%", "a") + ".service"),
     ),
     "--writable": st.lists(mix(HOSTILE_PATH, SAFE_PATH), min_size=1, max_size=3),
@@ -707,6 +709,12 @@ class Run:
                                         f"{spec.name}{SPEC_SUFFIX}"])
         if "--spec" not in values:
             check_fidelity(values, spec)
+        if spec.on_failure:
+            # systemd resolves OnFailure= in each instance (verify tries only @0 and @i): a
+            # unit name over 255 characters is dropped there, and no alert goes out.
+            last = str(spec.instances - 1)
+            table = {"i": last, "n": f"{spec.name}@{last}.service", "N": f"{spec.name}@{last}", "p": spec.name}
+            assert len(specifiers(spec.on_failure, table)) <= 255, spec.on_failure
         # (b), (e) Exactly the directives asked for, and every value reads back.
         for unit, expected in expected_units(spec).items():
             check_unit(unit, files[unit], expected, instance_table(spec.name) if unit.endswith("@.service") else {})
