@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import sys
+from pathlib import Path
 
 from unitgen_worker.contract import (
     EXIT_CONFIG,
+    EXIT_RECYCLE,
     EXIT_STARTUP,
     WorkerConfig,
+    board_file,
     counters_file,
     runtime_directory_of_this_process,
 )
+from unitgen_worker.hung import HungRequests, WatchThreads
 from unitgen_worker.loader import ConfigError, as_asgi, detect_interface, import_app
 from unitgen_worker.sd import NoSocketError, adopt_listen_sockets
 
@@ -53,16 +58,45 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("the app raised while it was imported")
         return EXIT_STARTUP
-    from unitgen_worker.server import serve  # after the app: its import errors come first
+    # After the app: its import errors come first.
+    from unitgen_worker.lifecycle import RunState
+    from unitgen_worker.server import serve
 
     log.info("instance %s serving %s (%s)", args.instance, args.app, interface)
     lifespan = "auto" if interface == "asgi" else "off"
     runtime = runtime_directory_of_this_process()
     counters = counters_file(runtime, args.instance) if runtime else None
-    if not serve(as_asgi(app, interface), sockets, lifespan=lifespan, drain_timeout=args.drain_timeout,
-                 counters_path=counters):
-        return EXIT_STARTUP
-    return 0
+    state = RunState()
+    if interface == "wsgi":
+        state.threads = WatchThreads(app, args.threads)
+        app = state.threads
+    # A full instance stops accepting: at its --max-concurrency, else when a WSGI app's
+    # threads are all busy (an ASGI app has no such limit of its own).
+    capacity = args.max_concurrency or (args.threads if interface == "wsgi" else 0)
+    code = serve(as_asgi(app, interface, args.threads), sockets, lifespan=lifespan, drain_timeout=args.drain_timeout,
+                 state=state, hung=HungRequests(args.request_timeout, state.running, state.threads),
+                 board=open_board(runtime, args.instance), capacity=capacity, rebalance=args.rebalance,
+                 counters_path=counters)
+    if code == EXIT_RECYCLE:
+        # Stuck threads would hold the interpreter's exit (it joins them) until they end.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def open_board(runtime: Path | None, instance: str):
+    """The load board shared with the siblings, or None (run by hand, or no room for it):
+    then this instance accepts without looking at them."""
+    from unitgen_worker.board import Board
+
+    if runtime is None or not instance.isdigit():
+        return None
+    try:
+        return Board(board_file(runtime), int(instance))
+    except (OSError, ValueError) as err:
+        log.warning("no load board, so no even spread with siblings: %s", err)
+        return None
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ that user and keeps across restarts (RuntimeDirectoryPreserve=yes).
 `record` counts failures ($SERVICE_RESULT other than "success"); a failure after a run
 of HEALTHY_RUN seconds or more starts the count again. It forgets the count when no
 automatic restart follows: a clean stop (also the stop of a manual `systemctl restart`,
-which interrupts a `wait` in progress), and exit EXIT_CONFIG, which
-RestartPreventExitStatus= never restarts. `wait` sleeps for the delay the count calls
+which interrupts a `wait` in progress), exit EXIT_CONFIG, which
+RestartPreventExitStatus= never restarts, and exit EXIT_RECYCLE: an instance whose threads
+were all stuck served until then and restarts at once, as gunicorn's timed-out workers do
+(its own request timeout already spaces such restarts). `wait` sleeps for the delay the count calls
 for: 0.5 s after the first failure, doubling up to MAX_DELAY. So a manual restart after
 a fix starts at once, as with RestartSteps=, without asking systemd for NRestarts (an
 instance with DynamicUser= cannot reach the system bus where nss-systemd is missing).
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from unitgen_worker.contract import (
     EXIT_CONFIG,
+    EXIT_RECYCLE,
     FIRST_DELAY,
     HEALTHY_RUN,
     MAX_DELAY,
@@ -83,7 +86,7 @@ def save(path: Path, state: dict) -> None:
 
 def record(path: Path, result: str, exit_status: str, now: float) -> dict:
     """After an exit: count a failure, or forget them all when no automatic restart follows."""
-    if result == "success" or exit_status == str(EXIT_CONFIG):
+    if result == "success" or exit_status in (str(EXIT_CONFIG), str(EXIT_RECYCLE)):
         path.unlink(missing_ok=True)
         return {}
     state = load(path)

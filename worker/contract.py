@@ -28,6 +28,10 @@ QUIET = 0.5  # seconds with no request activity before a drain is over
 FORCE_AFTER = 2.0  # seconds after closing connections at the drain timeout before exiting anyway
 STATUS_EVERY = 1.0  # seconds between STATUS= and counters file updates
 INSTANCE_SPECIFIER = "%i"  # in a unit file: systemd puts the instance number here
+THREADS = 10  # a WSGI app's thread pool per instance (both WSGI adapters' own default)
+# A request running longer is logged with its stack; a WSGI instance whose threads are
+# all stuck past it recycles itself (gunicorn's worker timeout, 30 s). 0: never.
+REQUEST_TIMEOUT = 30
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,26 @@ class WorkerConfig:
     instance: str = "0"  # for the logs; %i in the unit
     drain_timeout: float = DRAIN_TIMEOUT
     check: bool = False  # load the app, print its interface, exit (unitgen render)
+    threads: int = THREADS  # WSGI only
+    max_concurrency: int = 0  # requests in flight before the instance stops accepting; 0: threads (WSGI), none (ASGI)
+    request_timeout: float = REQUEST_TIMEOUT
+    rebalance: bool = True  # ask keep-alive clients of an instance over its share to reconnect
 
     def to_argv(self) -> list[str]:
         argv = ["--app", self.app, "--interface", self.interface]
         if self.check:
             return [*argv, "--check"]
-        timeout = int(self.drain_timeout) if float(self.drain_timeout).is_integer() else self.drain_timeout
-        return [*argv, "--instance", self.instance, "--drain-timeout", str(timeout)]
+        argv += ["--instance", self.instance, "--drain-timeout", _number(self.drain_timeout)]
+        # The others only when they differ from the defaults: the unit says what was chosen.
+        if self.threads != THREADS:
+            argv += ["--threads", str(self.threads)]
+        if self.max_concurrency:
+            argv += ["--max-concurrency", str(self.max_concurrency)]
+        if self.request_timeout != REQUEST_TIMEOUT:
+            argv += ["--request-timeout", _number(self.request_timeout)]
+        if not self.rebalance:
+            argv += ["--no-rebalance"]
+        return argv
 
     @classmethod
     def from_argv(cls, argv: list[str] | None) -> WorkerConfig:
@@ -56,9 +73,22 @@ class WorkerConfig:
         parser.add_argument("--drain-timeout", type=float, default=float(DRAIN_TIMEOUT),
                             help="seconds to let requests finish after SIGTERM before closing connections")
         parser.add_argument("--check", action="store_true", help="load the app, print its interface, exit")
+        parser.add_argument("--threads", type=int, default=THREADS, help="a WSGI app's threads")
+        parser.add_argument("--max-concurrency", type=int, default=0,
+                            help="requests in flight before the instance stops accepting connections")
+        parser.add_argument("--request-timeout", type=float, default=float(REQUEST_TIMEOUT),
+                            help="seconds before a request is reported stuck (0: never)")
+        parser.add_argument("--no-rebalance", dest="rebalance", action="store_false",
+                            help="never ask keep-alive clients to move to a less loaded sibling")
         args = parser.parse_args(argv)
         return cls(app=args.app, interface=args.interface, instance=args.instance,
-                   drain_timeout=args.drain_timeout, check=args.check)
+                   drain_timeout=args.drain_timeout, check=args.check, threads=args.threads,
+                   max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
+                   rebalance=args.rebalance)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def worker_argv(python: str, config: WorkerConfig) -> list[str]:
@@ -98,6 +128,14 @@ def counters_file(directory: Path, instance: int | str) -> Path:
     return directory / f"{instance}.counters.json"
 
 
+def board_file(directory: Path) -> Path:
+    """The instances' shared load board (unitgen_worker.board); only the instances use it."""
+    return directory / "board"
+
+
+BOARD_SLOTS = 1024  # one per possible instance number (unitgen renders at most 1024)
+
+
 def read_app_file(path: Path, limit: int = 4096) -> str | None:
     """The start of a file in an app's runtime directory, which the app's user writes and
     root reads (`unitgen status`): never through a link, never blocking on a FIFO, only a
@@ -133,10 +171,14 @@ class Counters:
     requests: int  # served since the process started
     in_flight: int
     draining: bool = False
+    connections: int = 0  # open, idle keep-alive ones included
+    busy: int = 0  # a WSGI app's threads running a request (0 for ASGI)
+    threads: int = 0  # a WSGI app's thread pool (0 for ASGI)
 
     def to_json(self) -> str:
         return json.dumps({"schema": 1, "pid": self.pid, "requests": self.requests,
-                           "in_flight": self.in_flight, "draining": self.draining})
+                           "in_flight": self.in_flight, "draining": self.draining,
+                           "connections": self.connections, "busy": self.busy, "threads": self.threads})
 
     @classmethod
     def from_json(cls, text: str) -> Counters | None:
@@ -144,10 +186,12 @@ class Counters:
         try:
             data = json.loads(text)
             counters = cls(pid=data["pid"], requests=data["requests"], in_flight=data["in_flight"],
-                           draining=data["draining"])
-        except (ValueError, KeyError, TypeError, RecursionError):
+                           draining=data["draining"], connections=data.get("connections", 0),
+                           busy=data.get("busy", 0), threads=data.get("threads", 0))
+        except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
             return None
-        ints = (counters.pid, counters.requests, counters.in_flight)
+        ints = (counters.pid, counters.requests, counters.in_flight, counters.connections, counters.busy,
+                counters.threads)
         if not all(type(v) is int and v >= 0 for v in ints) or type(counters.draining) is not bool:
             return None
         return counters
@@ -161,7 +205,9 @@ class Counters:
     def status_text(self, started: str) -> str:
         """The STATUS= sentence for people (`systemctl status`); tools read the file."""
         phase = "draining" if self.draining else "serving"
-        return f"{phase}: {self.requests} requests, {self.in_flight} in flight, up since {started}"
+        threads = f", {self.busy}/{self.threads} threads busy" if self.threads else ""
+        return (f"{phase}: {self.requests} requests, {self.in_flight} in flight, "
+                f"{self.connections} connections{threads}, up since {started}")
 
 
 # --- names -----------------------------------------------------------------------
@@ -212,3 +258,6 @@ EXIT_CONFIG = 78
 # The app imported but its startup failed (an exception at import time other than an
 # ImportError, or ASGI lifespan startup failed). Possibly transient: restarted.
 EXIT_STARTUP = 3
+# EX_TEMPFAIL: every thread of a WSGI instance was stuck past --request-timeout, so it
+# exited to be restarted at once (Restart=always); the backoff does not count it.
+EXIT_RECYCLE = 75

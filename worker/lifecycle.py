@@ -14,10 +14,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unitgen_worker.contract import FORCE_AFTER, QUIET, STATUS_EVERY, Counters
+from unitgen_worker.hung import Running, WatchThreads
 from unitgen_worker.sd import notify
+
+if TYPE_CHECKING:
+    from unitgen_worker.balance import Balancer
 
 __all__ = ["FORCE_AFTER", "QUIET", "RunState", "TrackRequests", "ping"]
 log = logging.getLogger("unitgen.worker")
@@ -32,9 +36,16 @@ class RunState:
     in_flight: int = 0
     last_activity: float = field(default_factory=time.monotonic)
     draining: bool = False
+    recycling: bool = False  # every thread stuck: drain what is not, then exit EXIT_RECYCLE
+    running: dict[int, Running] = field(default_factory=dict)  # requests in flight
+    balancer: Balancer | None = None  # from startup on
+    threads: WatchThreads | None = None  # WSGI apps
 
     def counters(self) -> Counters:
-        return Counters(pid=os.getpid(), requests=self.served, in_flight=self.in_flight, draining=self.draining)
+        threads = self.threads
+        return Counters(pid=os.getpid(), requests=self.served, in_flight=self.in_flight, draining=self.draining,
+                        connections=self.balancer.open_connections() if self.balancer else 0,
+                        busy=threads.busy() if threads else 0, threads=threads.threads if threads else 0)
 
     def status(self) -> str:
         """STATUS= for people; tools read the counters file (contract.Counters)."""
@@ -46,7 +57,8 @@ class RunState:
 
 
 class TrackRequests:
-    """ASGI middleware: counts requests and adds `Connection: close` while draining."""
+    """ASGI middleware: counts requests, tells the balancer, and adds `Connection: close`
+    while draining or when the balancer moves this client to a sibling."""
 
     def __init__(self, app: Any, state: RunState) -> None:
         self.app = app
@@ -57,21 +69,31 @@ class TrackRequests:
             await self.app(scope, receive, send)
             return
         state = self.state
+        balancer = state.balancer
 
         async def send_closing_when_draining(message: dict) -> None:
-            if message["type"] == "http.response.start" and state.draining:
+            if message["type"] == "http.response.start" and (
+                    state.draining or (balancer is not None and balancer.connections_to_close())):
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
+        key = id(scope)
+        state.running[key] = Running(scope.get("method", "WEBSOCKET"), scope.get("path"),
+                                     task=asyncio.current_task())
         state.in_flight += 1
         state.last_activity = time.monotonic()
+        if balancer is not None:
+            balancer.request_started()
         try:
             await self.app(scope, receive, send_closing_when_draining)
         finally:
             state.in_flight -= 1
             state.served += 1
             state.last_activity = time.monotonic()
+            del state.running[key]
+            if balancer is not None:
+                balancer.request_ended()
 
 
 async def ping(state: RunState, watchdog_interval: float | None, counters_path: Path | None = None) -> None:

@@ -41,12 +41,13 @@ def detect_interface(app: Any) -> str:
     return "wsgi"
 
 
-def as_asgi(app: Any, interface: str) -> Any:
-    """WSGI apps run through a maintained adapter: a2wsgi, else uvicorn's own."""
+def as_asgi(app: Any, interface: str, threads: int) -> Any:
+    """WSGI apps run through a maintained adapter, a2wsgi, else uvicorn's own, on a pool
+    of `threads` threads."""
     if interface == "asgi":
         return app
     try:
         from a2wsgi import WSGIMiddleware
     except ImportError:  # Debian 12 has no a2wsgi; uvicorn's middleware is there.
         from uvicorn.middleware.wsgi import WSGIMiddleware
-    return WSGIMiddleware(app)
+    return WSGIMiddleware(app, workers=threads)

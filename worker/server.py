@@ -12,6 +12,12 @@ own Server.shutdown(), which is its last step:
    the drain timeout; at the timeout, close the connections left (streams, WebSockets);
 4. uvicorn's own shutdown: it closes the idle connections and runs the lifespan
    shutdown; after a drain timeout, it gets FORCE_AFTER seconds before force_exit.
+The same drain recycles an instance whose threads are all stuck (hung.py), except that
+it does not wait for the stuck requests.
+
+uvicorn gets no listening socket: the Balancer (balance.py) accepts, one connection at a
+time, and hands each to uvicorn's protocol, so that load spreads evenly and an instance
+with no room accepts nothing.
 
 It has to work from uvicorn 0.17.6 (Debian 12) to the current release, so it uses only
 what they all have: Server.startup()/shutdown(sockets=), `servers`,
@@ -23,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import signal
 import socket
@@ -33,23 +41,32 @@ from typing import Any
 
 import uvicorn
 
+from unitgen_worker.balance import Balancer
+from unitgen_worker.board import Board
+from unitgen_worker.contract import EXIT_RECYCLE, EXIT_STARTUP
+from unitgen_worker.hung import HungRequests
 from unitgen_worker.lifecycle import FORCE_AFTER, RunState, TrackRequests, ping
 from unitgen_worker.sd import notify, watchdog_interval
 
 log = logging.getLogger("unitgen.worker")
 POLL = 0.1  # how often the drain looks whether it is quiet, as uvicorn's own waits do
+WATCH_EVERY = 0.25  # seconds between looks for stuck requests
 
 
 class WorkerServer(uvicorn.Server):
     """uvicorn's Server with systemd's lifecycle: READY=1 after startup, our drain on SIGTERM."""
 
-    def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float,
-                 counters_path: Path | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float, hung: HungRequests,
+                 balance: dict[str, Any], counters_path: Path | None = None) -> None:
         super().__init__(config)
         self.state = state
         self.drain_timeout = drain_timeout
+        self.hung = hung
+        self.balance = balance  # the Balancer's board, capacity and rebalance
         self.counters_path = counters_path
+        self.listen_sockets: list[socket.socket] = []
         self.pinger: asyncio.Task[None] | None = None  # from READY=1 on
+        self.watcher: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Only flags: main_loop() sees should_exit and returns, then shutdown() drains.
@@ -65,16 +82,20 @@ class WorkerServer(uvicorn.Server):
         try:
             await super().serve(sockets=sockets)
         finally:
-            if self.pinger is not None:
-                self.pinger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self.pinger
+            for task in (self.pinger, self.watcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if self.state.balancer is not None:
+                self.state.balancer.leave()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        # uvicorn's startup runs the ASGI lifespan startup, then listens; `started` is
-        # set only when both succeeded.
+        # uvicorn's startup runs the ASGI lifespan startup, then listens on the sockets it
+        # is given: none, the Balancer accepts. `started` is set only when both succeeded.
+        self.listen_sockets = sockets or []
         try:
-            await super().startup(sockets=sockets)
+            await super().startup(sockets=[])
         except SystemExit:
             # A failed lifespan startup: uvicorn 0.17.6 and 0.32 set should_exit, newer
             # ones sys.exit(3). Either way serve() returns, and our serve() says False.
@@ -82,8 +103,30 @@ class WorkerServer(uvicorn.Server):
             return
         if not self.started or self.should_exit:
             return  # failed, or stopped during startup: no READY=1, nothing to drain
+        balancer = Balancer(self.listen_sockets, self._protocol_factory(), self.server_state.connections,
+                            **self.balance)
+        self.state.balancer = balancer
+        balancer.start()
         notify(f"READY=1\nSTATUS={self.state.status()}")
         self.pinger = asyncio.ensure_future(ping(self.state, watchdog_interval(), self.counters_path))
+        self.watcher = asyncio.ensure_future(self._watch_requests())
+
+    def _protocol_factory(self) -> Any:
+        """What uvicorn's startup would pass to create_server(): its HTTP protocol, bound
+        to this server's state (and, from uvicorn 0.2x on, to the lifespan's state)."""
+        protocol = self.config.http_protocol_class
+        kwargs: dict[str, Any] = {"config": self.config, "server_state": self.server_state}
+        if "app_state" in inspect.signature(protocol).parameters:
+            kwargs["app_state"] = self.lifespan.state
+        return functools.partial(protocol, **kwargs)
+
+    async def _watch_requests(self) -> None:
+        while not self.hung.check():
+            await asyncio.sleep(WATCH_EVERY)
+        log.error("all %d threads stuck for more than %g s: recycling this instance (their requests are lost)",
+                  self.hung.stuck(), self.hung.timeout)
+        self.state.recycling = True
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The drain, then uvicorn's shutdown; see this module's docstring."""
@@ -94,7 +137,9 @@ class WorkerServer(uvicorn.Server):
         state.draining = True  # before STOPPING=1, whose STATUS= says "draining"
         notify(f"STOPPING=1\nSTATUS={state.status()}")
         log.info("draining: %d requests in flight", state.in_flight)
-        close_listeners(self.servers, sockets or [])
+        if state.balancer is not None:
+            state.balancer.stop()
+        close_listeners(self.servers, self.listen_sockets)
 
         timed_out = False
         try:
@@ -110,6 +155,8 @@ class WorkerServer(uvicorn.Server):
             else:
                 log.info("drained: %d requests served", state.served)
 
+        if state.recycling:
+            self.force_exit = True  # uvicorn would wait for the stuck requests' tasks forever
         uvicorn_shutdown = asyncio.ensure_future(super().shutdown(sockets=sockets))
         if timed_out:
             # The app's task for a connection closed above may never end: uvicorn's send()
@@ -122,8 +169,15 @@ class WorkerServer(uvicorn.Server):
         await uvicorn_shutdown
 
     async def _until_quiet(self) -> None:
-        # Polled, as uvicorn's own waits are: requests start and end in other tasks.
-        while not (self.state.quiet() or self.force_exit):
+        # Polled, as uvicorn's own waits are: requests start and end in other tasks. A
+        # recycle waits only for the threads that are not stuck: the requests waiting for
+        # a thread could never run, and are lost with the stuck ones.
+        while not self.force_exit:
+            if self.state.recycling and self.hung.running_unstuck() == 0:
+                log.error("recycling: %d requests stuck or waiting for a thread are lost", self.state.in_flight)
+                return
+            if self.state.quiet():
+                return
             await asyncio.sleep(POLL)
 
 
@@ -157,17 +211,18 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float,
-          counters_path: Path | None = None) -> bool:
-    """Run until the drain is over; False when startup failed."""
-    state = RunState()
+def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float, state: RunState,
+          hung: HungRequests, board: Board | None, capacity: int, rebalance: bool,
+          counters_path: Path | None = None) -> int:
+    """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
     config = uvicorn.Config(
         TrackRequests(app, state),
         lifespan=lifespan,
         log_config=None,  # journald already stamps and tags every line
         access_log=False,
     )
-    server = WorkerServer(config, state, drain_timeout=drain_timeout, counters_path=counters_path)
+    server = WorkerServer(config, state, drain_timeout=drain_timeout, hung=hung, counters_path=counters_path,
+                          balance={"board": board, "capacity": capacity, "rebalance": rebalance})
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -176,4 +231,5 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
         loop.close()
     if not server.started:
         log.error("startup failed: the app never became ready")
-    return server.started
+        return EXIT_STARTUP
+    return EXIT_RECYCLE if state.recycling else 0

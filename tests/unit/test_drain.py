@@ -29,8 +29,8 @@ from unitgen_worker.contract import Counters
 from unitgen_worker.lifecycle import FORCE_AFTER, QUIET
 
 APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
-STATUS = re.compile(r"STATUS=(serving|draining): \d+ requests, \d+ in flight, "
-                    r"up since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+STATUS = re.compile(r"STATUS=(serving|draining): \d+ requests, \d+ in flight, \d+ connections, "
+                    r"(\d+/\d+ threads busy, )?up since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
 pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                                 reason="needs systemd-socket-activate (package systemd)")
 
@@ -330,12 +330,20 @@ SHIM = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.c
 
 
 def pinned(address: tuple[str, int], pid: int) -> HTTPConnection:
-    """A keep-alive connection that worker pid accepted (both accept from one queue)."""
-    for _ in range(200):
-        conn = HTTPConnection(*address, timeout=15)
-        if ask(conn, "/").pid == pid:
-            return conn
-        conn.close()
+    """A keep-alive connection that worker pid accepted (both accept from one queue).
+
+    The others stay open until then: an instance that holds more connections than its
+    sibling leaves the next one to it (the load board), as it does under real load."""
+    others = []
+    try:
+        for _ in range(200):
+            conn = HTTPConnection(*address, timeout=15)
+            if ask(conn, "/").pid == pid:
+                return conn
+            others.append(conn)
+    finally:
+        for conn in others:
+            conn.close()
     pytest.fail(f"no connection reached worker {pid}")
 
 
@@ -344,11 +352,14 @@ def test_siblings_serve_on_through_a_drain_and_nothing_fails(tmp_path):
     address = listener.getsockname()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     workers = []
+    runtime = tmp_path / "run"  # shared, as the instances' RuntimeDirectory= is: the load board
+    runtime.mkdir()
     for i in range(2):
         notes = Notifications(tmp_path / f"notify{i}")
-        proc = subprocess.Popen([sys.executable, "-c", SHIM, str(listener.fileno()), "--app", "lifecycle:app"],
+        proc = subprocess.Popen([sys.executable, "-c", SHIM, str(listener.fileno()), "--app", "lifecycle:app",
+                                 "--instance", str(i)],
                                 cwd=APPS, stderr=subprocess.PIPE, text=True, pass_fds=(listener.fileno(),),
-                                env={**env, "NOTIFY_SOCKET": str(notes.path)})
+                                env={**env, "NOTIFY_SOCKET": str(notes.path), "RUNTIME_DIRECTORY": str(runtime)})
         workers.append(Worker(proc, notes, address))
     draining, sibling = workers
     replies: list[Reply] = []
@@ -400,4 +411,5 @@ def test_counters_are_published_in_the_runtime_directory_as_data(start, tmp_path
     time.sleep(1.3)  # at least one STATUS= tick after the requests
     counters = Counters.from_json((runtime / "3.counters.json").read_text())
     assert counters == Counters(pid=worker.proc.pid, requests=6, in_flight=0, draining=False)
-    assert sorted(p.name for p in runtime.iterdir()) == ["3.counters.json"]  # no temporary file left
+    # no temporary file left; the load board the instances share is there too
+    assert sorted(p.name for p in runtime.iterdir()) == ["3.counters.json", "board"]

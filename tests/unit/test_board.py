@@ -1,0 +1,84 @@
+"""The load board (a real shared file mapped twice) and the stuck-request watch."""
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from unitgen_worker import board as board_module
+from unitgen_worker.board import DRAINING, FULL, Board, Siblings
+from unitgen_worker.hung import HungRequests, Running, WatchThreads
+
+
+def test_siblings_see_each_other_and_skip_stale_draining_and_full_slots(tmp_path, monkeypatch):
+    path = tmp_path / "board"
+    me, other, third = Board(path, 0), Board(path, 5), Board(path, 2)
+    other.pid, third.pid = me.pid + 1, me.pid + 2  # as if other processes held them
+    assert me.siblings() == Siblings()  # nobody has published yet
+    me.publish(connections=9, in_flight=1)
+    other.publish(connections=4, in_flight=0)
+    third.publish(connections=7, in_flight=2)
+    assert me.siblings() == Siblings(count=2, connections=11, fewest=4)
+    third.publish(connections=7, in_flight=2, flags=DRAINING)
+    other.publish(connections=4, in_flight=0, flags=FULL)
+    assert me.siblings() == Siblings()
+    third.publish(connections=7, in_flight=2)
+    now = time.monotonic()
+    monkeypatch.setattr(board_module.time, "monotonic", lambda: now + board_module.STALE + 0.1)
+    assert me.siblings() == Siblings()  # a heartbeat that stopped: dead, or its loop is stuck
+    monkeypatch.undo()
+    third.leave()
+    assert me.siblings() == Siblings()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_the_board_refuses_a_link_and_instances_without_a_slot(tmp_path):
+    (tmp_path / "elsewhere").write_bytes(b"")
+    (tmp_path / "board").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        Board(tmp_path / "board", 0)
+    with pytest.raises(ValueError):
+        Board(tmp_path / "other", 1024)
+
+
+def test_threads_stuck_past_the_timeout_are_logged_with_their_stack_and_recycle(caplog):
+    release = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/hang":
+            release.wait(10)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    watch = WatchThreads(app, threads=2)
+    hung = HungRequests(0.2, {}, watch)
+
+    def call(path):
+        list(watch({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda *a: None))
+
+    call("/fast")
+    assert watch.busy() == 0
+    stuck = [threading.Thread(target=call, args=("/hang",)) for _ in range(2)]
+    for thread in stuck:
+        thread.start()
+    time.sleep(0.05)
+    assert watch.busy() == 2 and hung.stuck() == 0 and not hung.check()
+    time.sleep(0.3)
+    with caplog.at_level(logging.ERROR, logger="unitgen.worker"):
+        assert hung.check()  # both threads stuck: recycle
+        assert hung.running_unstuck() == 0
+    assert len(caplog.records) == 2  # once each, however often it looks
+    assert "request 'GET' '/hang' has run for 0 s in thread" in caplog.records[0].getMessage()
+    assert "in app\n    release.wait(10)" in caplog.records[0].getMessage()
+    release.set()
+    for thread in stuck:
+        thread.join()
+    assert watch.busy() == 0 and not hung.check()
+
+
+def test_a_request_timeout_of_zero_never_reports():
+    watch = WatchThreads(lambda environ, start_response: [], threads=1)
+    watch.running[1] = Running("GET", "/", started=0.0)  # running since boot
+    assert HungRequests(0, {}, watch).stuck() == 0 and not HungRequests(0, {}, watch).check()

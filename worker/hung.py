@@ -1,0 +1,129 @@
+"""Requests that run too long (--request-timeout): logged with their stacks, and a WSGI
+instance whose threads are all stuck recycles itself.
+
+The watchdog catches a blocked event loop, but a WSGI app's handlers run in a thread
+pool: every thread can hang (a lock, a dead database, a call without a timeout) while
+the loop stays free and keeps pinging. Such an instance accepts nothing (it has no room,
+see balance.py) and would never serve again. So, as gunicorn's worker timeout does, an
+instance whose threads have all been running their requests for longer than the timeout
+exits with EXIT_RECYCLE after draining the rest: those stuck requests are lost, systemd
+starts it again at once, and the service recovers by itself. Every stuck request is
+first logged once with its thread's stack, which says where it hangs.
+
+ASGI handlers share the loop: a request that awaits forever is logged with its task's
+stack; recycling is for the watchdog (a blocked loop) or for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("unitgen.worker")
+
+
+@dataclass
+class Running:
+    """One request being handled: since when, what, and where to find its stack."""
+
+    method: object
+    path: object
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[Any] | None = None  # ASGI: the task running it
+    reported: bool = False
+
+    @property
+    def what(self) -> str:
+        # ascii(): the path is the client's text; it must not write lines into the journal.
+        return f"{ascii(self.method)} {ascii(self.path)}"
+
+
+class WatchThreads:
+    """WSGI middleware: which thread runs which request, from the call until the
+    response's iterable is exhausted or closed (the thread is busy all along)."""
+
+    def __init__(self, app: Any, threads: int) -> None:
+        self.app = app
+        self.threads = threads
+        self.running: dict[int, Running] = {}  # by thread ident
+
+    def __call__(self, environ: dict, start_response: Any) -> Iterable[bytes]:
+        ident = threading.get_ident()
+        self.running[ident] = Running(environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            self.running.pop(ident, None)
+            raise
+        return self._iterate(result, ident)
+
+    def _iterate(self, result: Iterable[bytes], ident: int) -> Iterator[bytes]:
+        try:
+            yield from result
+        finally:
+            try:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()  # WSGI requires it; uvicorn 0.17.6's adapter never calls it
+            finally:
+                self.running.pop(ident, None)
+
+    def busy(self) -> int:
+        return len(self.running)
+
+
+class HungRequests:
+    """Looks at the running requests; check() says whether the instance must recycle."""
+
+    def __init__(self, timeout: float, asgi_running: dict[int, Running], threads: WatchThreads | None) -> None:
+        self.timeout = timeout
+        self.asgi_running = asgi_running
+        self.threads = threads
+
+    def stuck(self) -> int:
+        """Requests (WSGI: threads) running for longer than the timeout."""
+        if not self.timeout:
+            return 0
+        running = self.threads.running if self.threads is not None else self.asgi_running
+        deadline = time.monotonic() - self.timeout
+        return sum(1 for request in list(running.values()) if request.started < deadline)
+
+    def running_unstuck(self) -> int:
+        """WSGI threads running a request that is not (yet) stuck."""
+        return self.threads.busy() - self.stuck() if self.threads is not None else 0
+
+    def check(self) -> bool:
+        if not self.timeout:
+            return False
+        now = time.monotonic()
+        if self.threads is None:
+            for request in list(self.asgi_running.values()):
+                if not request.reported and now - request.started > self.timeout:
+                    request.reported = True
+                    log.error("request %s has run for %.0f s (--request-timeout %g); its task:\n%s",
+                              request.what, now - request.started, self.timeout, _task_stack(request.task))
+            return False
+        frames = sys._current_frames()
+        for ident, request in list(self.threads.running.items()):
+            if not request.reported and now - request.started > self.timeout:
+                request.reported = True
+                stack = "".join(traceback.format_stack(frames[ident])) if ident in frames else "(gone)\n"
+                log.error("request %s has run for %.0f s in thread %d (--request-timeout %g):\n%s",
+                          request.what, now - request.started, ident, self.timeout, stack.rstrip())
+        return self.stuck() >= self.threads.threads
+
+
+def _task_stack(task: asyncio.Task[Any] | None) -> str:
+    if task is None:
+        return "(unknown)"
+    out = io.StringIO()
+    task.print_stack(file=out)
+    return out.getvalue().rstrip()
