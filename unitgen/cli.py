@@ -20,6 +20,8 @@ from unitgen.render import format_bundle, render_files
 from unitgen.spec import (
     HARDENING,
     INTERFACES,
+    MAX_CONCURRENCY,
+    MAX_THREADS,
     AppSpec,
     check_on_failure,
     check_root_safe_env,
@@ -27,11 +29,12 @@ from unitgen.spec import (
     parse_app,
     parse_cidr,
     parse_cores,
+    parse_count,
     parse_env,
     parse_executable,
     parse_hardening,
     parse_interface,
-    parse_listen,
+    parse_listens,
     parse_name,
     parse_path,
     parse_seconds,
@@ -41,7 +44,7 @@ from unitgen.spec import (
 from unitgen.state import App
 from unitgen.status import collect, table
 from unitgen_worker import alert
-from unitgen_worker.contract import DRAIN_TIMEOUT, WATCHDOG
+from unitgen_worker.contract import DRAIN_TIMEOUT, REQUEST_TIMEOUT, THREADS, WATCHDOG
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -53,9 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def spec_from_args(args: argparse.Namespace) -> AppSpec:
     app = parse_app(args.app)
-    listen = tuple(parse_listen(value) for value in args.listen or [DEFAULT_LISTEN])
-    if len(set(listen)) != len(listen):
-        die("--listen names the same address twice", hint="give each address once")
+    listen = parse_listens(tuple(args.listen or [DEFAULT_LISTEN]))
     env = tuple(parse_env(value) for value in args.env)
     on_failure = parse_unit("--on-failure", args.on_failure) if args.on_failure is not None else None
     name = parse_name(args.name if args.name is not None else default_name(app))
@@ -74,6 +75,10 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         interface=parse_interface(args.interface),
         watchdog=parse_seconds("--watchdog", args.watchdog, minimum=0),
         drain_timeout=parse_seconds("--drain-timeout", args.drain_timeout, minimum=1),
+        threads=parse_count("--threads", args.threads, minimum=1, maximum=MAX_THREADS),
+        max_concurrency=parse_count("--max-concurrency", args.max_concurrency, minimum=0, maximum=MAX_CONCURRENCY),
+        request_timeout=parse_seconds("--request-timeout", args.request_timeout, minimum=0),
+        rebalance=args.rebalance,
         on_failure=on_failure,
         writable=tuple(parse_path("--writable", value) for value in args.writable),
         hardening=parse_hardening(args.hardening),
@@ -89,14 +94,15 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
 def write_out(files: dict[str, str], out: str) -> None:
     """Write the files into directory OUT (created if missing), each through a rename."""
     target = Path(out)
-    if target.exists() and not target.is_dir():
-        die(f"--out {out} exists and is not a directory", hint="give a directory")
-    if not target.absolute().parent.is_dir():
-        die(f"--out {out}: {target.absolute().parent} does not exist", hint="create it first")
+    hint = "give a directory whose path systemd and the kernel accept"
     try:
+        if target.exists() and not target.is_dir():
+            die(f"--out {out} exists and is not a directory", hint="give a directory")
+        if not target.absolute().parent.is_dir():
+            die(f"--out {out}: {target.absolute().parent} does not exist", hint="create it first")
         target.mkdir(exist_ok=True)
-    except OSError as err:
-        die(f"--out {out}: {err.strerror}", hint="give a directory whose path systemd and the kernel accept")
+    except OSError as err:  # a name too long for the kernel, say: exists() raises on it
+        die(f"--out {out}: {err.strerror}", hint=hint)
     write_files(files, target)
 
 
@@ -194,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--drain-timeout", default=str(DRAIN_TIMEOUT), metavar="SECONDS",
                         help=f"time in-flight requests get on stop before connections are closed "
                              f"(default {DRAIN_TIMEOUT})")
+    render.add_argument("--threads", default=str(THREADS), metavar="N",
+                        help=f"a WSGI app's threads per instance (default {THREADS})")
+    render.add_argument("--max-concurrency", default="0", metavar="N",
+                        help="requests in flight at which an instance stops accepting connections, so that its "
+                             "siblings take them (default 0: its threads for WSGI, no limit for ASGI)")
+    render.add_argument("--request-timeout", default=str(REQUEST_TIMEOUT), metavar="SECONDS",
+                        help="log a request running longer with its stack; a WSGI instance whose threads are all "
+                             f"stuck past it restarts; 0: off (default {REQUEST_TIMEOUT})")
+    render.add_argument("--no-rebalance", dest="rebalance", action="store_false",
+                        help="never ask keep-alive clients of an instance over its share to reconnect")
     render.add_argument("--on-failure", metavar="UNIT", help="unit to start when an instance fails (alerting)")
     render.add_argument("--writable", action="append", default=[], metavar="PATH",
                         help="a path the app may write besides its state directory; repeatable")

@@ -79,7 +79,9 @@ def _exec_word(word: str) -> str:
 def worker_command(spec: AppSpec) -> str:
     """ExecStart= of an instance: the contract's command line, each word escaped."""
     config = WorkerConfig(app=spec.app, interface=spec.interface, instance=INSTANCE_SPECIFIER,
-                          drain_timeout=spec.drain_timeout)
+                          drain_timeout=spec.drain_timeout, threads=spec.threads,
+                          max_concurrency=spec.max_concurrency, request_timeout=spec.request_timeout,
+                          rebalance=spec.rebalance)
     python, *args = worker_argv(spec.python, config)
     # The program's path is always quoted, and '$' is not doubled there: systemd expands
     # variables in the arguments only, never in the path it executes.

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from unitgen.errors import die
 from unitgen.escape import check_text
-from unitgen_worker.contract import DRAIN_TIMEOUT, INTERFACES, WATCHDOG, instance_unit
+from unitgen_worker.contract import DRAIN_TIMEOUT, INTERFACES, REQUEST_TIMEOUT, THREADS, WATCHDOG, instance_unit
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENT}(?:\.{_IDENT})*"
@@ -57,6 +57,8 @@ ROOT_UNSAFE_ENV = frozenset({
 })
 SPEC_SCHEMA = 1
 MAX_INSTANCES = 1024
+MAX_THREADS = 1024  # per instance
+MAX_CONCURRENCY = 1_000_000
 # sun_path holds 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
 
@@ -76,6 +78,10 @@ class AppSpec:
     interface: str = "auto"
     watchdog: int = WATCHDOG  # WatchdogSec=; 0 turns the watchdog off
     drain_timeout: int = DRAIN_TIMEOUT  # seconds in-flight requests get after SIGTERM
+    threads: int = THREADS  # a WSGI app's threads per instance
+    max_concurrency: int = 0  # requests in flight that fill an instance; 0: its threads (WSGI), none (ASGI)
+    request_timeout: int = REQUEST_TIMEOUT  # seconds before a request counts as stuck; 0: never
+    rebalance: bool = True  # keep-alive clients of an instance over its share move to a sibling
     on_failure: str | None = None  # OnFailure= unit, e.g. an alerting service
     writable: tuple[str, ...] = ()  # ReadWritePaths= beside the state directory
     hardening: str = "strict"  # or "relaxed": the documented escape hatch
@@ -137,14 +143,17 @@ def validated(spec: AppSpec) -> AppSpec:
         check_root_safe_env(env)
         check_on_failure(spec.name, on_failure)
     for what, value in (("instances", spec.instances), ("watchdog", spec.watchdog),
-                        ("drain_timeout", spec.drain_timeout)):
+                        ("drain_timeout", spec.drain_timeout), ("threads", spec.threads),
+                        ("max_concurrency", spec.max_concurrency), ("request_timeout", spec.request_timeout)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{what} is not a whole number")
+    if not isinstance(spec.rebalance, bool):
+        raise ValueError("rebalance is not true or false")
     return AppSpec(
         name=parse_name(spec.name),
         app=parse_app(spec.app),
         instances=parse_cores(str(spec.instances), usable=1, what="instances"),
-        listen=tuple(parse_listen(v) for v in strings(spec.listen, "listen")),
+        listen=parse_listens(strings(spec.listen, "listen")),
         workdir=parse_path("--workdir", spec.workdir),
         python=parse_executable("--python", spec.python),
         env=env,
@@ -152,6 +161,11 @@ def validated(spec: AppSpec) -> AppSpec:
         interface=parse_interface(spec.interface),
         watchdog=parse_seconds("--watchdog", str(spec.watchdog), minimum=0),
         drain_timeout=parse_seconds("--drain-timeout", str(spec.drain_timeout), minimum=1),
+        threads=parse_count("--threads", str(spec.threads), minimum=1, maximum=MAX_THREADS),
+        max_concurrency=parse_count("--max-concurrency", str(spec.max_concurrency), minimum=0,
+                                    maximum=MAX_CONCURRENCY),
+        request_timeout=parse_seconds("--request-timeout", str(spec.request_timeout), minimum=0),
+        rebalance=spec.rebalance,
         on_failure=on_failure,
         writable=tuple(parse_path("--writable", v) for v in strings(spec.writable, "writable")),
         hardening=parse_hardening(spec.hardening),
@@ -228,6 +242,16 @@ def parse_executable(what: str, value: str) -> str:
         die(f"{what} {value!r} has a quote, which systemd does not accept in a program's path",
             hint="use a path without quotes, e.g. a symlink to the interpreter")
     return path
+
+
+def parse_listens(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Every --listen, at least one, none twice."""
+    listen = tuple(parse_listen(value) for value in values)
+    if not listen:
+        die("no --listen address", hint="give at least one, for example --listen 127.0.0.1:8000")
+    if len(set(listen)) != len(listen):
+        die("--listen names the same address twice", hint="give each address once")
+    return listen
 
 
 def parse_listen(value: str) -> str:
@@ -333,6 +357,15 @@ def parse_seconds(flag: str, value: str, *, minimum: int, maximum: int = 3600) -
     hint = f"give {flag} as whole seconds from {minimum} to {maximum}"
     if not re.fullmatch(r"[0-9]{1,6}", value or ""):
         die(f"{flag} {value!r} is not a number of seconds", hint=hint)
+    if not minimum <= int(value) <= maximum:
+        die(f"{flag} {value} is out of range", hint=hint)
+    return int(value)
+
+
+def parse_count(flag: str, value: str, *, minimum: int, maximum: int) -> int:
+    hint = f"give {flag} as a whole number from {minimum} to {maximum}"
+    if not re.fullmatch(r"[0-9]{1,7}", value or ""):
+        die(f"{flag} {value!r} is not a whole number", hint=hint)
     if not minimum <= int(value) <= maximum:
         die(f"{flag} {value} is out of range", hint=hint)
     return int(value)

@@ -7,7 +7,11 @@ The --json document (schema 1; fields are only ever added):
                     "sub_state": str, "pid": int|null, "uptime_seconds": float|null,
                     "memory_bytes": int|null (MemoryCurrent=: the whole cgroup),
                     "rss_bytes": int|null (the main process), "restarts": int, "requests": int|null,
-                    "in_flight": int|null, "failures": int, "next_attempt": str|null}]}
+                    "in_flight": int|null, "failures": int, "next_attempt": str|null,
+                    "connections": int|null (open ones), "busy_threads": int|null,
+                    "threads": int|null (a WSGI app's; null for ASGI),
+                    "requests_share": float|null, "connections_share": float|null
+                    (percent of the running instances' total)}]}
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class InstanceStatus:
     in_flight: int | None
     failures: int
     next_attempt: str | None
+    connections: int | None = None
+    busy_threads: int | None = None
+    threads: int | None = None
+    requests_share: float | None = None
+    connections_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,11 +116,32 @@ def collect(name: str) -> AppStatus:
             in_flight=counters.in_flight if counters else None,
             failures=int(backoff.get("failures", 0)),
             next_attempt=_next_attempt(backoff) if not running else None,
+            connections=counters.connections if counters else None,
+            busy_threads=counters.busy if counters and counters.threads else None,
+            threads=counters.threads if counters and counters.threads else None,
         ))
+    rows = _with_shares(rows)
     # Listen= is "ADDRESS (Stream)", several separated by spaces between pairs.
     listen = tuple(re.findall(r"(\S+) \(\w+\)", socket.get("Listen", "")))
     return AppStatus(name=app.name, app=app.app, socket_unit=app.socket,
                      socket_state=socket.get("ActiveState", "unknown"), listen=listen, instances=tuple(rows))
+
+
+def _with_shares(rows: list[InstanceStatus]) -> list[InstanceStatus]:
+    """Each instance's percentage of the requests and connections of those that report."""
+    shares = {}
+    for field in ("requests", "connections"):
+        total = sum(getattr(row, field) or 0 for row in rows)
+        shares[field] = [None if getattr(row, field) is None or not total else
+                         round(100 * getattr(row, field) / total, 1) for row in rows]
+    return [dataclasses.replace(row, requests_share=req, connections_share=conn)
+            for row, req, conn in zip(rows, shares["requests"], shares["connections"], strict=True)]
+
+
+def _share(value: int | None, share: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value} ({share:.0f}%)" if share is not None else str(value)
 
 
 def _rss(pid: int) -> int | None:
@@ -167,7 +197,8 @@ def table(app_status: AppStatus) -> str:
     socket = status["socket"]
     listen = ", ".join(socket["listen"]) or "-"
     lines = [f"{status['name']} ({status['app']}): socket {socket['unit']} {socket['state']} on {listen}"]
-    header = ("UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "IN-FLIGHT", "NOTE")
+    header = ("UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "CONNS", "IN-FLIGHT", "BUSY",
+              "NOTE")
     rows = []
     for row in status["instances"]:
         note = []
@@ -180,8 +211,11 @@ def table(app_status: AppStatus) -> str:
         rows.append((row["unit"], f"{row['state']}/{row['sub_state']}", str(row["pid"] or "-"),
                      _human(row["uptime_seconds"]),
                      _memory(row), str(row["restarts"]),
-                     "-" if row["requests"] is None else str(row["requests"]),
-                     "-" if row["in_flight"] is None else str(row["in_flight"]), "; ".join(note)))
+                     _share(row["requests"], row["requests_share"]),
+                     _share(row["connections"], row["connections_share"]),
+                     "-" if row["in_flight"] is None else str(row["in_flight"]),
+                     "-" if row["threads"] is None else f"{row['busy_threads']}/{row['threads']}",
+                     "; ".join(note)))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     rows = [tuple(printable(cell) for cell in row) for row in rows]
     for row in [header, *rows]:

@@ -198,7 +198,8 @@ def test_status_counters_are_live_in_systemctl_status(box, deploy):
     served = 0
     for i in range(2):
         text = app.show(f"{app.name}@{i}.service", "StatusText")
-        match = re.fullmatch(r"serving: (\d+) requests, 0 in flight, up since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", text)
+        match = re.fullmatch(r"serving: (\d+) requests, 0 in flight, \d+ connections, "
+                             r"up since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", text)
         assert match, text
         served += int(match.group(1))
     assert served == 50

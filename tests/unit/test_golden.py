@@ -23,6 +23,7 @@ CASES = {
         "--watchdog", "0", "--drain-timeout", "120", "--on-failure", "alert@%n.service",
         "--writable", "/srv/shop 50%/uploads", "--writable", '/var/spool/a "q"',
         "--allow", "10.0.0.0/8", "--allow", "::1", "--deny", "10.9.0.0/16",
+        "--threads", "16", "--max-concurrency", "24", "--request-timeout", "0", "--no-rebalance",
     ],
     "relaxed": ["--app", "home.app:app", "--cores", "1", "--workdir", "/home/dev/app", "--hardening", "relaxed",
                 "--allow", "127.0.0.1"],

@@ -34,7 +34,8 @@ def test_table_has_a_row_per_instance_and_notes_crash_loops():
     assert lines[0] == "a (a:app): socket a.socket active on 8000"
     assert lines[2].split()[:6] == ["a@0.service", "activating/start-pre", "-", "-", "-", "4"]
     assert "5 failures in a row; next attempt 2026-11-22T21:40:00+00:00" in lines[2]
-    assert lines[3].split()[:9] == ["a@1.service", "active/running", "42", "1m01s", "2.0K", "rss", "0", "7", "1"]
+    assert lines[3].split()[:10] == ["a@1.service", "active/running", "42", "1m01s", "2.0K", "rss", "0", "7", "-",
+                                     "1"]
     assert lines[3].endswith("not wanted (scaled down)")
     document = status.to_dict()
     assert document["schema"] == 1 and document["socket"] == {"unit": "a.socket", "state": "active",
@@ -52,3 +53,21 @@ def test_counters_are_read_only_from_the_current_process_and_as_data(tmp_path):
     assert read_counters(tmp_path, 1, 42) is None
     counters_file(tmp_path, 2).symlink_to(counters_file(tmp_path, 0))
     assert read_counters(tmp_path, 2, 42) is None
+
+
+def test_shares_are_of_the_instances_that_report_and_busy_threads_show_for_wsgi():
+    def row(i, requests, connections, threads=None):
+        return InstanceStatus(unit=f"a@{i}.service", instance=i, wanted=True, state="active", sub_state="running",
+                              pid=40 + i, uptime_seconds=5, memory_bytes=None, rss_bytes=None, restarts=0,
+                              requests=requests, in_flight=0, failures=0, next_attempt=None,
+                              connections=connections, busy_threads=3 if threads else None, threads=threads)
+    from unitgen.status import _with_shares
+    rows = _with_shares([row(0, 300, 16, threads=10), row(1, 100, 48, threads=10), row(2, None, None)])
+    assert [(r.requests_share, r.connections_share) for r in rows] == [(75.0, 25.0), (25.0, 75.0), (None, None)]
+    status = AppStatus(name="a", app="a:app", socket_unit="a.socket", socket_state="active", listen=(),
+                       instances=tuple(rows))
+    lines = table(status).splitlines()
+    assert lines[1].split() == ["UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "CONNS",
+                                "IN-FLIGHT", "BUSY", "NOTE"]
+    assert lines[2].split()[6:12] == ["300", "(75%)", "16", "(25%)", "0", "3/10"]
+    assert lines[4].split()[6:] == ["-", "-", "0", "-"]

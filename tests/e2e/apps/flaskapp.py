@@ -1,6 +1,7 @@
-"""A WSGI app (Flask) for the e2e tests: echo, streaming, status codes, headers."""
+"""A WSGI app (Flask) for the e2e tests: echo, streaming, status codes, headers, a stuck handler."""
 
 import os
+import time
 
 from flask import Flask, Response, request
 
@@ -33,3 +34,11 @@ def status(code):
 @app.route("/headers")
 def headers():
     return Response("ok\n", headers={"X-Echo": request.headers.get("X-Test", ""), "X-Interface": "wsgi"})
+
+
+@app.route("/hang")
+def hang():
+    # A handler stuck in a call without a timeout (time.sleep stands for it).
+    seconds = float(request.args.get("s", "60"))
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "slept": seconds}
