@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from unitgen_worker.contract import (
@@ -69,20 +71,36 @@ def main(argv: list[str] | None = None) -> int:
     state = RunState()
     if interface == "wsgi":
         state.threads = WatchThreads(app, args.threads)
-        app = state.threads
+        served = as_asgi(state.threads, interface, args.threads)
+        busy = threads_taken(state.threads, served)
+    else:
+        served = as_asgi(app, interface, args.threads)
+        busy = state.in_flight_now
     # A full instance stops accepting: at its --max-concurrency, else when a WSGI app's
-    # threads are all busy (an ASGI app has no such limit of its own).
+    # threads are all taken (an ASGI app has no such limit of its own).
     capacity = args.max_concurrency or (args.threads if interface == "wsgi" else 0)
-    code = serve(as_asgi(app, interface, args.threads), sockets, lifespan=lifespan, drain_timeout=args.drain_timeout,
-                 state=state, hung=HungRequests(args.request_timeout, state.running, state.threads),
-                 board=open_board(runtime, args.instance), capacity=capacity, rebalance=args.rebalance,
+    code = serve(served, sockets, lifespan=lifespan, drain_timeout=args.drain_timeout, state=state,
+                 hung=HungRequests(args.request_timeout, state.running, state.threads),
+                 board=open_board(runtime, args.instance), capacity=capacity, busy=busy, rebalance=args.rebalance,
                  counters_path=counters)
     if code == EXIT_RECYCLE:
         # Stuck threads would hold the interpreter's exit (it joins them) until they end.
         logging.shutdown()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
         os._exit(code)
     return code
+
+
+def threads_taken(watch: WatchThreads, adapter: object) -> Callable[[], int]:
+    """A WSGI instance's busy(): threads running a request, and requests queued for one.
+    Requests still reading their body (uvicorn's adapter reads it before taking a thread)
+    take nothing, so slow uploads cannot fill an instance."""
+    queue = getattr(getattr(adapter, "executor", None), "_work_queue", None)
+    if queue is None:
+        return watch.busy
+    return lambda: watch.busy() + queue.qsize()
 
 
 def open_board(runtime: Path | None, instance: str):

@@ -9,7 +9,7 @@ unitgen reads the counters files instead, so root never trusts what is written h
 A slot: pid, open connections, requests in flight, flags, heartbeat. The heartbeat is
 CLOCK_MONOTONIC, which is one clock for every process on the host; a slot whose
 heartbeat is older than STALE belongs to an instance that died or whose event loop is
-stuck, and is ignored, as are the slots of instances draining or full.
+stuck, and is ignored, as are the slots of instances draining.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from unitgen_worker.contract import BOARD_SLOTS
 _SLOT = struct.Struct("<qqqqd24x")
 _HEADER = struct.Struct("<q56x")  # the highest slot in use + 1, so readers scan no further
 STALE = 1.0  # seconds: the loop writes its heartbeat ten times a second
-DRAINING, FULL = 1, 2
+DRAINING, FULL, OVER_SHARE = 1, 2, 4  # flags; FULL and OVER_SHARE: accepting nothing now
 
 
 @dataclass(frozen=True)
 class Siblings:
-    """The other instances that take connections now."""
+    """The other instances alive and not draining."""
 
     count: int = 0
     connections: int = 0  # their open connections, summed
-    fewest: int = 0  # open connections of the least loaded one
+    accepting: int = 0  # how many of them accept connections now
 
 
 class Board:
@@ -53,16 +53,24 @@ class Board:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(f"{path} is not a regular file")
             if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)  # siblings racing here all extend it to the same size, zeroed
+                # Allocated now, not on a first write into the mapping: a full /run is an
+                # error here (no board), never a SIGBUS later. Siblings racing here all
+                # make it the same size, zeroed.
+                os.posix_fallocate(fd, 0, size)
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self.instance = instance
         self.pid = os.getpid()
         self._offset = _HEADER.size + instance * _SLOT.size
+        self.claim()
+
+    def claim(self) -> None:
+        """Makes sure readers scan as far as this slot. Siblings starting together can
+        overwrite each other's claim (read, then write), so the heartbeat claims again."""
         (high,) = _HEADER.unpack_from(self._map, 0)
-        if high <= instance:
-            _HEADER.pack_into(self._map, 0, instance + 1)
+        if high <= self.instance:
+            _HEADER.pack_into(self._map, 0, self.instance + 1)
 
     def publish(self, connections: int, in_flight: int, flags: int = 0) -> None:
         _SLOT.pack_into(self._map, self._offset, self.pid, connections, in_flight, flags, time.monotonic())
@@ -72,14 +80,13 @@ class Board:
         high = max(0, min(high, BOARD_SLOTS))
         now = time.monotonic()
         slots = self._map[_HEADER.size:_HEADER.size + high * _SLOT.size]
-        loads = [
-            connections
-            for pid, connections, _, flags, beat in _SLOT.iter_unpack(slots)
-            if pid and pid != self.pid and not flags and 0 <= now - beat < STALE
-        ]
-        if not loads:
-            return Siblings()
-        return Siblings(count=len(loads), connections=sum(loads), fewest=min(loads))
+        count = connections = accepting = 0
+        for pid, open_connections, _, flags, beat in _SLOT.iter_unpack(slots):
+            if pid and pid != self.pid and not flags & DRAINING and 0 <= now - beat < STALE:
+                count += 1
+                connections += open_connections
+                accepting += not flags & (FULL | OVER_SHARE)
+        return Siblings(count=count, connections=connections, accepting=accepting)
 
     def leave(self) -> None:
         """Clears this instance's slot (at exit): siblings stop counting it at once."""

@@ -5,13 +5,17 @@ The watchdog catches a blocked event loop, but a WSGI app's handlers run in a th
 pool: every thread can hang (a lock, a dead database, a call without a timeout) while
 the loop stays free and keeps pinging. Such an instance accepts nothing (it has no room,
 see balance.py) and would never serve again. So, as gunicorn's worker timeout does, an
-instance whose threads have all been running their requests for longer than the timeout
+instance whose threads have all been running the app's code for longer than the timeout
 exits with EXIT_RECYCLE after draining the rest: those stuck requests are lost, systemd
 starts it again at once, and the service recovers by itself. Every stuck request is
 first logged once with its thread's stack, which says where it hangs.
 
 ASGI handlers share the loop: a request that awaits forever is logged with its task's
 stack; recycling is for the watchdog (a blocked loop) or for the operator.
+
+Time a thread spends waiting for its client (reading the request body, handing a chunk
+of the response over) is not the app's: a slow upload or download never makes a request
+stuck, or any client could make an instance recycle.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ class Running:
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[Any] | None = None  # ASGI: the task running it
     reported: bool = False
+    since: float = 0.0  # when the app's code last resumed (WSGI: after the client's I/O)
+    in_io: bool = False  # WSGI: waiting for the client now
+
+    def __post_init__(self) -> None:
+        self.since = self.since or self.started
+
+    def stuck_since(self, deadline: float) -> bool:
+        return not self.in_io and self.since < deadline
 
     @property
     def what(self) -> str:
@@ -57,17 +69,22 @@ class WatchThreads:
 
     def __call__(self, environ: dict, start_response: Any) -> Iterable[bytes]:
         ident = threading.get_ident()
-        self.running[ident] = Running(environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+        running = self.running[ident] = Running(environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+        if "wsgi.input" in environ:
+            environ["wsgi.input"] = _TimedInput(environ["wsgi.input"], running)
         try:
             result = self.app(environ, start_response)
         except BaseException:
             self.running.pop(ident, None)
             raise
-        return self._iterate(result, ident)
+        return self._iterate(result, ident, running)
 
-    def _iterate(self, result: Iterable[bytes], ident: int) -> Iterator[bytes]:
+    def _iterate(self, result: Iterable[bytes], ident: int, running: Running) -> Iterator[bytes]:
         try:
-            yield from result
+            for chunk in result:
+                running.in_io = True  # the adapter sends it to the client before asking for more
+                yield chunk
+                running.in_io, running.since = False, time.monotonic()
         finally:
             try:
                 close = getattr(result, "close", None)
@@ -94,7 +111,7 @@ class HungRequests:
             return 0
         running = self.threads.running if self.threads is not None else self.asgi_running
         deadline = time.monotonic() - self.timeout
-        return sum(1 for request in list(running.values()) if request.started < deadline)
+        return sum(1 for request in list(running.values()) if request.stuck_since(deadline))
 
     def running_unstuck(self) -> int:
         """WSGI threads running a request that is not (yet) stuck."""
@@ -113,12 +130,40 @@ class HungRequests:
             return False
         frames = sys._current_frames()
         for ident, request in list(self.threads.running.items()):
-            if not request.reported and now - request.started > self.timeout:
+            if not request.reported and request.stuck_since(now - self.timeout):
                 request.reported = True
                 stack = "".join(traceback.format_stack(frames[ident])) if ident in frames else "(gone)\n"
                 log.error("request %s has run for %.0f s in thread %d (--request-timeout %g):\n%s",
-                          request.what, now - request.started, ident, self.timeout, stack.rstrip())
+                          request.what, now - request.since, ident, self.timeout, stack.rstrip())
         return self.stuck() >= self.threads.threads
+
+
+class _TimedInput:
+    """wsgi.input, with the time spent reading it marked as the client's."""
+
+    def __init__(self, stream: Any, running: Running) -> None:
+        self._stream = stream
+        self._running = running
+
+    def _timed(self, method: str, *args: Any) -> Any:
+        self._running.in_io = True
+        try:
+            return getattr(self._stream, method)(*args)
+        finally:
+            self._running.in_io, self._running.since = False, time.monotonic()
+
+    def read(self, *args: Any) -> bytes:
+        return self._timed("read", *args)
+
+    def readline(self, *args: Any) -> bytes:
+        return self._timed("readline", *args)
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        return self._timed("readlines", *args)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
 
 
 def _task_stack(task: asyncio.Task[Any] | None) -> str:

@@ -51,6 +51,9 @@ class RunState:
         """STATUS= for people; tools read the counters file (contract.Counters)."""
         return self.counters().status_text(self.started.strftime("%Y-%m-%d %H:%M:%S UTC"))
 
+    def in_flight_now(self) -> int:
+        return self.in_flight
+
     def quiet(self) -> bool:
         """Nothing in flight and nothing has happened for QUIET seconds."""
         return self.in_flight == 0 and time.monotonic() - self.last_activity >= QUIET
@@ -78,9 +81,13 @@ class TrackRequests:
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
-        key = id(scope)
-        state.running[key] = Running(scope.get("method", "WEBSOCKET"), scope.get("path"),
-                                     task=asyncio.current_task())
+        # An ASGI app's requests are watched for --request-timeout here; a WSGI app's by
+        # the thread that runs each (hung.WatchThreads).
+        watched = state.threads is None
+        if watched:
+            key = id(scope)
+            state.running[key] = Running(scope.get("method", "WEBSOCKET"), scope.get("path"),
+                                         task=asyncio.current_task())
         state.in_flight += 1
         state.last_activity = time.monotonic()
         if balancer is not None:
@@ -91,7 +98,8 @@ class TrackRequests:
             state.in_flight -= 1
             state.served += 1
             state.last_activity = time.monotonic()
-            del state.running[key]
+            if watched:
+                del state.running[key]
             if balancer is not None:
                 balancer.request_ended()
 

@@ -15,9 +15,9 @@ own Server.shutdown(), which is its last step:
 The same drain recycles an instance whose threads are all stuck (hung.py), except that
 it does not wait for the stuck requests.
 
-uvicorn gets no listening socket: the Balancer (balance.py) accepts, one connection at a
-time, and hands each to uvicorn's protocol, so that load spreads evenly and an instance
-with no room accepts nothing.
+uvicorn gets no listening socket: the Balancer (balance.py) serves each through a
+duplicate of its descriptor with uvicorn's protocol, and stops and starts accepting, so
+that load spreads evenly and an instance with no room accepts nothing.
 
 It has to work from uvicorn 0.17.6 (Debian 12) to the current release, so it uses only
 what they all have: Server.startup()/shutdown(sockets=), `servers`,
@@ -34,7 +34,7 @@ import inspect
 import logging
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -62,7 +62,7 @@ class WorkerServer(uvicorn.Server):
         self.state = state
         self.drain_timeout = drain_timeout
         self.hung = hung
-        self.balance = balance  # the Balancer's board, capacity and rebalance
+        self.balance = balance  # the Balancer's board, capacity, busy and rebalance
         self.counters_path = counters_path
         self.listen_sockets: list[socket.socket] = []
         self.pinger: asyncio.Task[None] | None = None  # from READY=1 on
@@ -104,9 +104,9 @@ class WorkerServer(uvicorn.Server):
         if not self.started or self.should_exit:
             return  # failed, or stopped during startup: no READY=1, nothing to drain
         balancer = Balancer(self.listen_sockets, self._protocol_factory(), self.server_state.connections,
-                            **self.balance)
+                            backlog=self.config.backlog, **self.balance)
         self.state.balancer = balancer
-        balancer.start()
+        await balancer.start()
         notify(f"READY=1\nSTATUS={self.state.status()}")
         self.pinger = asyncio.ensure_future(ping(self.state, watchdog_interval(), self.counters_path))
         self.watcher = asyncio.ensure_future(self._watch_requests())
@@ -138,7 +138,7 @@ class WorkerServer(uvicorn.Server):
         notify(f"STOPPING=1\nSTATUS={state.status()}")
         log.info("draining: %d requests in flight", state.in_flight)
         if state.balancer is not None:
-            state.balancer.stop()
+            await state.balancer.stop()
         close_listeners(self.servers, self.listen_sockets)
 
         timed_out = False
@@ -212,7 +212,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float, state: RunState,
-          hung: HungRequests, board: Board | None, capacity: int, rebalance: bool,
+          hung: HungRequests, board: Board | None, capacity: int, busy: Callable[[], int], rebalance: bool,
           counters_path: Path | None = None) -> int:
     """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
     config = uvicorn.Config(
@@ -222,7 +222,7 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
         access_log=False,
     )
     server = WorkerServer(config, state, drain_timeout=drain_timeout, hung=hung, counters_path=counters_path,
-                          balance={"board": board, "capacity": capacity, "rebalance": rebalance})
+                          balance={"board": board, "capacity": capacity, "busy": busy, "rebalance": rebalance})
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:

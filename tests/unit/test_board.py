@@ -8,11 +8,11 @@ import time
 import pytest
 
 from unitgen_worker import board as board_module
-from unitgen_worker.board import DRAINING, FULL, Board, Siblings
+from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board, Siblings
 from unitgen_worker.hung import HungRequests, Running, WatchThreads
 
 
-def test_siblings_see_each_other_and_skip_stale_draining_and_full_slots(tmp_path, monkeypatch):
+def test_siblings_see_each_other_and_skip_stale_and_draining_slots(tmp_path, monkeypatch):
     path = tmp_path / "board"
     me, other, third = Board(path, 0), Board(path, 5), Board(path, 2)
     other.pid, third.pid = me.pid + 1, me.pid + 2  # as if other processes held them
@@ -20,18 +20,30 @@ def test_siblings_see_each_other_and_skip_stale_draining_and_full_slots(tmp_path
     me.publish(connections=9, in_flight=1)
     other.publish(connections=4, in_flight=0)
     third.publish(connections=7, in_flight=2)
-    assert me.siblings() == Siblings(count=2, connections=11, fewest=4)
-    third.publish(connections=7, in_flight=2, flags=DRAINING)
+    assert me.siblings() == Siblings(count=2, connections=11, accepting=2)
     other.publish(connections=4, in_flight=0, flags=FULL)
-    assert me.siblings() == Siblings()
-    third.publish(connections=7, in_flight=2)
+    third.publish(connections=7, in_flight=2, flags=OVER_SHARE)
+    assert me.siblings() == Siblings(count=2, connections=11, accepting=0)  # alive, but not accepting
+    third.publish(connections=7, in_flight=2, flags=DRAINING)
+    assert me.siblings() == Siblings(count=1, connections=4, accepting=0)
     now = time.monotonic()
     monkeypatch.setattr(board_module.time, "monotonic", lambda: now + board_module.STALE + 0.1)
     assert me.siblings() == Siblings()  # a heartbeat that stopped: dead, or its loop is stuck
     monkeypatch.undo()
-    third.leave()
+    other.leave()
     assert me.siblings() == Siblings()
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_a_claim_lost_to_a_sibling_starting_together_is_made_again(tmp_path):
+    path = tmp_path / "board"
+    me, far = Board(path, 0), Board(path, 7)
+    far.pid = me.pid + 1
+    board_module._HEADER.pack_into(far._map, 0, 4)  # slot 3's claim overwrote slot 7's
+    far.publish(connections=3, in_flight=0)
+    assert me.siblings() == Siblings()
+    far.claim()
+    assert me.siblings() == Siblings(count=1, connections=3, accepting=1)
 
 
 def test_the_board_refuses_a_link_and_instances_without_a_slot(tmp_path):
@@ -82,3 +94,28 @@ def test_a_request_timeout_of_zero_never_reports():
     watch = WatchThreads(lambda environ, start_response: [], threads=1)
     watch.running[1] = Running("GET", "/", started=0.0)  # running since boot
     assert HungRequests(0, {}, watch).stuck() == 0 and not HungRequests(0, {}, watch).check()
+
+
+def test_time_waiting_for_the_client_is_not_the_apps():
+    class SlowClient:
+        def read(self, size=-1):
+            time.sleep(0.5)  # a slow upload
+            return b"body"
+
+    def app(environ, start_response):
+        environ["wsgi.input"].read()
+        start_response("200 OK", [])
+        yield b"a"
+        yield b"b"
+
+    watch = WatchThreads(app, threads=1)
+    hung = HungRequests(0.2, {}, watch)
+    chunks = iter(watch({"REQUEST_METHOD": "POST", "PATH_INFO": "/up", "wsgi.input": SlowClient()}, lambda *a: None))
+    reading = threading.Thread(target=lambda: next(chunks))
+    reading.start()
+    time.sleep(0.35)
+    assert watch.busy() == 1 and hung.stuck() == 0  # 0.35 s in, all of it reading the body
+    reading.join()
+    time.sleep(0.35)  # the first chunk handed over, the client slow to take it
+    assert hung.stuck() == 0 and not hung.check()
+    assert list(chunks) == [b"b"] and watch.busy() == 0
