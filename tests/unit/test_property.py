@@ -617,7 +617,8 @@ EXPLICIT["--spec"] = {"--spec": SpecFile({"schema": 1, **{f: _json_field(f, SINK
 def test_every_render_option_is_fuzzed():
     assert sorted(FUZZ) == RENDER_OPTIONS
     assert sorted(VALID) == sorted(set(RENDER_OPTIONS) - {"--out", "--spec"})
-    assert sorted(_FIELDS) == sorted(f.name for f in dataclasses.fields(AppSpec))
+    # rebalance is a flag (--no-rebalance): it takes no value to fuzz; spec_files draws it.
+    assert sorted(_FIELDS) == sorted(f.name for f in dataclasses.fields(AppSpec) if f.name != "rebalance")
 
 
 @st.composite
@@ -673,7 +674,8 @@ class Run:
         self.flag = flag
         self.scratch = Path(tempfile.mkdtemp(prefix="unitgen-property-", dir=_scratch_root()))
         self.ids = 0
-        self.count = {"examples": 0, "refused": 0, "rendered": 0, "verified": 0, "verify calls": 0}
+        self.count = {"examples": 0, "refused": 0, "rendered": 0, "verified": 0, "verify calls": 0,
+                      "program elsewhere and missing: not verified": 0}
         self.batches: list[list[Rendered]] = []
         self.failures: list[str] = []
 
@@ -799,7 +801,9 @@ class Run:
         """The run's counts (tests/property prints them): the event() statistics, as numbers."""
         print(f"\n{self.flag}: {self.count['examples']} examples{stopped}: {self.count['refused']} refused, "
               f"{self.count['rendered']} rendered, {self.count['verified']} of them verified clean "
-              f"({self.count['verify calls']} systemd-analyze verify calls)")
+              f"({self.count['verify calls']} systemd-analyze verify calls)"
+              + (f"; {missing} with a program outside the scratch directory that does not exist, not verified"
+                 if (missing := self.count["program elsewhere and missing: not verified"]) else ""))
 
 
 def verify(units: list[Path]) -> str | None:
