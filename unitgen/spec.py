@@ -237,6 +237,10 @@ def parse_path(what: str, value: str) -> str:
 
 def parse_executable(what: str, value: str) -> str:
     path = parse_path(what, value)
+    # systemd drops an Exec line whose program ends in '/' ("specifies a directory").
+    if path.endswith("/"):
+        die(f"{what} {value!r} is a directory, not a program",
+            hint="give the interpreter's own path, e.g. /usr/bin/python3")
     # systemd refuses to exec a path with quotes or backslashes (string_is_safe()).
     if "'" in path or '"' in path:
         die(f"{what} {value!r} has a quote, which systemd does not accept in a program's path",

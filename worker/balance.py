@@ -11,10 +11,14 @@ copy and the siblings keep the socket and its queue) and start again with a new 
   --max-concurrency requests in flight) stops accepting until a request ends.
   Connections wait in the kernel's queue, where any sibling with room takes them, not
   inside a process that cannot serve them;
-- with rebalancing on, an instance over its fair share of open connections answers with
-  `Connection: close` (connections_to_close()) and stops accepting until it is back
-  within its share, so its clients reconnect to siblings. This is how keep-alive
-  clients spread again after a roll, a restart, a crash or a scale-up.
+- an instance over its fair share of open connections stops accepting until it is back
+  within it, so new connections go to its siblings: uvloop accepts every pending
+  connection at each wake, and the process that wakes first would take most of them
+  (4 instances under connection-close load: max/min 1.73 to 2.05);
+- with rebalancing on (the default), such an instance also answers with
+  `Connection: close` (connections_to_close()), so its keep-alive clients reconnect to
+  siblings. This is how they spread again after a roll, a restart, a crash or a
+  scale-up.
 
 What the siblings hold comes from the board (unitgen_worker.board). An instance never
 stops accepting for its share while no sibling with room is alive on the board.
@@ -34,10 +38,10 @@ from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board
 
 log = logging.getLogger("unitgen.worker")
 TICK = 0.1  # seconds between heartbeats on the board and new fair shares
-# Open connections above the mean of the instances by more than max(2, 10%): ask
-# clients to reconnect, and accept none until back under the mean plus max(1, 5%).
+# Open connections above the mean of the instances by more than max(1, 5%): accept none
+# until back at the mean; by more than max(2, 10%): also ask clients to reconnect.
+ACCEPT_SLACK = 1, 0.05
 KEEP_SLACK = 2, 0.1
-RESUME_SLACK = 1, 0.05
 
 
 class Balancer:
@@ -60,11 +64,12 @@ class Balancer:
         self.board = board
         self.capacity = capacity
         self.busy = busy
-        self.rebalance = rebalance and board is not None
+        self.rebalance = rebalance  # ask keep-alive clients over the share to reconnect
         self.draining = False
         self.over_share = False  # accepting nothing until back within its share
         self.keep_limit = math.inf  # open connections above which clients are asked to move
-        self.resume_limit = math.inf
+        self.accept_limit = math.inf  # ... above which this instance accepts none
+        self.resume_limit = math.inf  # ... until back at this
         self._sibling_accepting = False  # as of the last tick
         self._closing = 0  # asked to close since the last tick
         self._servers: list[asyncio.AbstractServer] = []
@@ -92,12 +97,19 @@ class Balancer:
 
     # --- what the requests tell it --------------------------------------------------
     def request_started(self) -> None:
+        if not self._servers:
+            return
+        if not self.over_share and self._sibling_accepting and len(self.connections) > self.accept_limit:
+            self.over_share = True  # new connections go to siblings until back within its share
+            self._want_switch()
         # This request takes room that busy() may not show yet (a WSGI request is queued
         # for a thread only once the app is called).
-        if self.capacity and self._servers and self.busy() + 1 >= self.capacity:
+        elif self.capacity and self.busy() + 1 >= self.capacity:
             self._want_switch()
 
     def request_ended(self) -> None:
+        if self.over_share and len(self.connections) <= self.resume_limit:
+            self.over_share = False
         if not self._servers and not self.draining:
             self._want_switch()
 
@@ -106,9 +118,6 @@ class Balancer:
         if not self.rebalance or len(self.connections) - self._closing <= self.keep_limit:
             return False
         self._closing += 1
-        if not self.over_share and self._sibling_accepting:
-            self.over_share = True
-            self._want_switch()
         return True
 
     def full(self) -> bool:
@@ -158,7 +167,7 @@ class Balancer:
             self._publish()
             if self.board is not None:
                 self.board.claim()
-            if self.rebalance:
+            if self.board is not None:
                 self._share()
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
@@ -170,9 +179,10 @@ class Balancer:
         if siblings.count:
             mean = (mine + siblings.connections) / (siblings.count + 1)
             self.keep_limit = mean + max(KEEP_SLACK[0], KEEP_SLACK[1] * mean)
-            self.resume_limit = mean + max(RESUME_SLACK[0], RESUME_SLACK[1] * mean)
+            self.accept_limit = mean + max(ACCEPT_SLACK[0], ACCEPT_SLACK[1] * mean)
+            self.resume_limit = mean
         else:
-            self.keep_limit = self.resume_limit = math.inf  # nobody else to take them
+            self.keep_limit = self.accept_limit = self.resume_limit = math.inf  # nobody else to take them
         # Back within its share, or nobody else accepts (siblings that stopped for their
         # share at the same moment, say): accept again, or clients would wait.
         self._sibling_accepting = siblings.accepting > 0
