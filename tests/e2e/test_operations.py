@@ -107,7 +107,8 @@ def test_status_matches_systemctl_show_and_the_counters(box, deploy):
     assert [row["restarts"] for row in status["instances"]] == [0, 1]
     assert served == 30
     table = box.run("unitgen", "status", app.name).stdout.splitlines()
-    assert table[1].split() == ["UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "IN-FLIGHT", "NOTE"]
+    assert table[1].split() == ["UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "CONNS",
+                                "IN-FLIGHT", "BUSY", "NOTE"]
     assert [line.split()[0] for line in table[2:]] == [f"{app.name}@0.service", f"{app.name}@1.service"]
 
 
