@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -38,6 +39,7 @@ from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board
 
 log = logging.getLogger("unitgen.worker")
 TICK = 0.1  # seconds between heartbeats on the board and new fair shares
+FRESH = 0.01  # seconds: an instance about to stop or start accepting looks at most this often
 # Open connections above the mean of the instances by more than max(0.5, 2.5%): accept
 # none until back at the mean; by more than max(1, 5%): also ask clients to reconnect.
 # The second is wider, so an instance that has just asked a client to move does not
@@ -72,7 +74,8 @@ class Balancer:
         self.keep_limit = math.inf  # open connections above which clients are asked to move
         self.accept_limit = math.inf  # ... above which this instance accepts none
         self.resume_limit = math.inf  # ... until back at this
-        self._sibling_accepting = False  # as of the last tick
+        self._sibling_accepting = False  # as of the last look at the board
+        self._looked_at = -math.inf
         self._closing = 0  # asked to close since the last tick
         self._servers: list[asyncio.AbstractServer] = []
         self._switching: asyncio.Task[None] | None = None
@@ -101,17 +104,23 @@ class Balancer:
     def request_started(self) -> None:
         if not self._servers:
             return
-        if not self.over_share and self._sibling_accepting and len(self.connections) > self.accept_limit:
-            self.over_share = True  # new connections go to siblings until back within its share
-            self._want_switch()
+        if not self.over_share and len(self.connections) > self.accept_limit:
+            self._look_at_the_board()  # the limits may be a tick old: decide on fresh ones
+            if not self.over_share and self._sibling_accepting and len(self.connections) > self.accept_limit:
+                self.over_share = True  # new connections go to siblings until back within its share
+                self._want_switch()
+                return
         # This request takes room that busy() may not show yet (a WSGI request is queued
         # for a thread only once the app is called).
-        elif self.capacity and self.busy() + 1 >= self.capacity:
+        if self.capacity and self.busy() + 1 >= self.capacity:
             self._want_switch()
 
     def request_ended(self) -> None:
-        if self.over_share and len(self.connections) <= self.resume_limit:
-            self.over_share = False
+        if self.over_share:
+            if len(self.connections) <= self.resume_limit:
+                self.over_share = False
+            else:
+                self._look_at_the_board()
         if not self._servers and not self.draining:
             self._want_switch()
 
@@ -176,9 +185,20 @@ class Balancer:
                 self.board.claim()
             if self.board is not None:
                 self._share()
+                self._closing = 0
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
             await asyncio.sleep(TICK)
+
+    def _look_at_the_board(self) -> None:
+        """Publishes and reads the board again, at most every FRESH seconds."""
+        now = time.monotonic()
+        if self.board is not None and now - self._looked_at >= FRESH:
+            self._looked_at = now
+            self._publish()
+            self._share()
+            if bool(self._servers) != self._should_accept():
+                self._want_switch()
 
     def _share(self) -> None:
         siblings = self.board.siblings()  # type: ignore[union-attr]
@@ -195,4 +215,3 @@ class Balancer:
         self._sibling_accepting = siblings.accepting > 0
         if self.over_share and (mine <= self.resume_limit or not self._sibling_accepting):
             self.over_share = False
-        self._closing = 0

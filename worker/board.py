@@ -28,7 +28,7 @@ from unitgen_worker.contract import BOARD_SLOTS
 # each, so instances writing their own slots never share one).
 _SLOT = struct.Struct("<qqqqd24x")
 _HEADER = struct.Struct("<q56x")  # the highest slot in use + 1, so readers scan no further
-STALE = 1.0  # seconds: the loop writes its heartbeat ten times a second
+STALE = 0.5  # seconds: the loop writes its heartbeat ten times a second
 DRAINING, FULL, OVER_SHARE = 1, 2, 4  # flags; FULL and OVER_SHARE: accepting nothing now
 
 

@@ -48,11 +48,14 @@ def test_request_in_flight_at_sigterm_completes(box, deploy):
 
 def test_watchdog_kills_a_blocked_loop_and_the_sibling_serves_throughout(box, deploy):
     watchdog = 2
-    app = deploy("lifecycle:app", "--cores", "2", "--watchdog", str(watchdog))
+    # --no-rebalance: the sessions pinned below must stay where they are.
+    app = deploy("lifecycle:app", "--cores", "2", "--watchdog", str(watchdog), "--no-rebalance")
     unit = f"{app.name}@0.service"
     victim_pid = int(app.show(unit, "MainPID"))
-    # Keep-alive sessions pinned to each instance: the victim's and the sibling's.
-    victim, healthy = None, []
+    # Keep-alive sessions pinned to each instance: the victim's and the sibling's. The
+    # others stay open meanwhile: an instance over its share leaves new connections to
+    # its sibling.
+    victim, healthy, others = None, [], []
     for _ in range(60):
         session = requests.Session()
         pid = int(session.get(app.url, timeout=5).headers["x-worker-pid"])
@@ -60,8 +63,12 @@ def test_watchdog_kills_a_blocked_loop_and_the_sibling_serves_throughout(box, de
             victim = session
         elif pid != victim_pid and len(healthy) < 4:
             healthy.append(session)
+        else:
+            others.append(session)
         if victim and len(healthy) == 4:
             break
+    for session in others:
+        session.close()
     assert victim is not None and len(healthy) == 4
 
     def block_the_loop():

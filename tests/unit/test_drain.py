@@ -331,9 +331,7 @@ SHIM = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.c
 
 def pinned(address: tuple[str, int], pid: int) -> HTTPConnection:
     """A keep-alive connection that worker pid accepted (both accept from one queue).
-
-    The others stay open until then: an instance that holds more connections than its
-    sibling leaves the next one to it (the load board), as it does under real load."""
+    The others stay open until then, so that the one that took them is busier."""
     others = []
     try:
         for _ in range(200):
@@ -352,9 +350,11 @@ def test_siblings_serve_on_through_a_drain_and_nothing_fails(tmp_path):
     address = listener.getsockname()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     workers = []
-    runtime = tmp_path / "run"  # shared, as the instances' RuntimeDirectory= is: the load board
-    runtime.mkdir()
     for i in range(2):
+        # A runtime directory each: no shared load board, so no instance stops accepting
+        # for its share while the connections are pinned (tests/e2e covers the board).
+        runtime = tmp_path / f"run{i}"
+        runtime.mkdir()
         notes = Notifications(tmp_path / f"notify{i}")
         proc = subprocess.Popen([sys.executable, "-c", SHIM, str(listener.fileno()), "--app", "lifecycle:app",
                                  "--instance", str(i)],
