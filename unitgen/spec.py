@@ -362,18 +362,15 @@ def parse_interface(value: str) -> str:
 
 
 def parse_seconds(flag: str, value: str, *, minimum: int, maximum: int = 3600) -> int:
-    hint = f"give {flag} as whole seconds from {minimum} to {maximum}"
-    if not re.fullmatch(r"[0-9]{1,6}", value or ""):
-        die(f"{flag} {value!r} is not a number of seconds", hint=hint)
-    if not minimum <= int(value) <= maximum:
-        die(f"{flag} {value} is out of range", hint=hint)
-    return int(value)
+    return parse_count(flag, value, minimum=minimum, maximum=maximum, digits=6, what="a number of seconds",
+                       hint=f"give {flag} as whole seconds from {minimum} to {maximum}")
 
 
-def parse_count(flag: str, value: str, *, minimum: int, maximum: int) -> int:
-    hint = f"give {flag} as a whole number from {minimum} to {maximum}"
-    if not re.fullmatch(r"[0-9]{1,7}", value or ""):
-        die(f"{flag} {value!r} is not a whole number", hint=hint)
+def parse_count(flag: str, value: str, *, minimum: int, maximum: int, digits: int = 7,
+                what: str = "a whole number", hint: str | None = None) -> int:
+    hint = hint or f"give {flag} as a whole number from {minimum} to {maximum}"
+    if not re.fullmatch(rf"[0-9]{{1,{digits}}}", value or ""):
+        die(f"{flag} {value!r} is not {what}", hint=hint)
     if not minimum <= int(value) <= maximum:
         die(f"{flag} {value} is out of range", hint=hint)
     return int(value)
