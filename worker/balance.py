@@ -11,10 +11,15 @@ copy and the siblings keep the socket and its queue) and start again with a new 
   --max-concurrency requests in flight) stops accepting until a request ends.
   Connections wait in the kernel's queue, where any sibling with room takes them, not
   inside a process that cannot serve them;
-- an instance over its fair share of open connections stops accepting until it is back
-  within it, so new connections go to its siblings: uvloop accepts every pending
-  connection at each wake, and the process that wakes first would take most of them
-  (4 instances under connection-close load: max/min 1.73 to 2.05);
+- while connections come and go fast (connection-close load, many short clients), an
+  instance that accepted more of them over the last second than the mean of it and its
+  siblings, by more than ACCEPTS_SLACK, stops accepting until it is back near the mean.
+  Accepts are what such load is made of: uvloop accepts every pending connection at
+  each wake, so the process that wakes first would take most (4 instances: max/min 1.73
+  to 2.05), and shares of open connections, few and short-lived, left an instance whose
+  core was less contended taking more (1.09 to 1.33). On accept counts: 1.01 to 1.03;
+- otherwise (keep-alive clients), an instance over its fair share of open connections
+  stops accepting until it is back within it, so new connections go to its siblings;
 - with rebalancing on (the default), such an instance also answers with
   `Connection: close` (connections_to_close()), so its keep-alive clients reconnect to
   siblings. This is how they spread again after a roll, a restart, a crash or a
@@ -32,10 +37,11 @@ import math
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any
 
-from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board
+from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board, Siblings
 
 log = logging.getLogger("unitgen.worker")
 TICK = 0.1  # seconds between heartbeats on the board and new fair shares
@@ -46,6 +52,17 @@ FRESH = 0.01  # seconds: an instance about to stop or start accepting looks at m
 # take it back: 64 keep-alive connections over 4 instances settle within 13 to 17 each.
 ACCEPT_SLACK = 0.5, 0.025
 KEEP_SLACK = 1, 0.05
+# Accepted connections over the last ACCEPTS_WINDOW seconds: an instance over the mean
+# by more than max(5, 5%) accepts none until within half that. Counts read fresh from
+# the board, not rates: a rate over a sliding window falls only as old accepts leave it,
+# and everyone's falls together, so instances waited on each other (a third of the
+# connection-close throughput lost here). A tighter slack costs throughput too: 3% lost
+# a sixth of it, where 5% lost none and kept max/min at 1.01 to 1.03. Below MIN_ACCEPTS
+# each in the window (keep-alive load, clients moving after a roll), accepts say nothing
+# about the load, and the shares of open connections decide.
+ACCEPTS_WINDOW = 1.0
+ACCEPTS_SLACK = 5, 0.05
+MIN_ACCEPTS = 50
 
 
 class Balancer:
@@ -74,6 +91,14 @@ class Balancer:
         self.keep_limit = math.inf  # open connections above which clients are asked to move
         self.accept_limit = math.inf  # ... above which this instance accepts none
         self.resume_limit = math.inf  # ... until back at this
+        self.accepted = 0  # connections, since start
+        self.ahead = False  # accepting nothing until its accepts are back at the mean
+        # The siblings' accepted counts and its own, a tick apart, ACCEPT_WINDOW back.
+        self._accepts: deque[tuple[dict[int, int], int]] = deque(maxlen=round(ACCEPTS_WINDOW / TICK) + 1)
+        self._counted = -math.inf  # when it last compared its accepts with the siblings'
+        # Many connections come and go (over MIN_ACCEPTS each in the window): the accepts
+        # are shared, and the open connections, few and short, are left to themselves.
+        self.churning = False
         self._sibling_accepting = False  # as of the last look at the board
         self._looked_at = -math.inf
         self._closing = 0  # asked to close since the last tick
@@ -100,11 +125,20 @@ class Balancer:
             self.board.leave()
             self.board = None
 
-    # --- what the requests tell it --------------------------------------------------
+    # --- what the connections and requests tell it --------------------------------------------------
+    def _accepting(self) -> asyncio.Protocol:
+        """The protocol factory the servers call at each connection they accepted."""
+        self.accepted += 1
+        if self.board is not None:
+            self.board.count_accepted(self.accepted)
+            if not self.ahead and time.monotonic() - self._counted >= FRESH:
+                self._share_accepts()
+        return self.protocol_factory()
+
     def request_started(self) -> None:
         if not self._servers:
             return
-        if not self.over_share and len(self.connections) > self.accept_limit:
+        if not self.over_share and not self.churning and len(self.connections) > self.accept_limit:
             self._look_at_the_board()  # the limits may be a tick old: decide on fresh ones
             if not self.over_share and self._sibling_accepting and len(self.connections) > self.accept_limit:
                 self.over_share = True  # new connections go to siblings until back within its share
@@ -137,9 +171,10 @@ class Balancer:
     def open_connections(self) -> int:
         return len(self.connections)
 
+
     # --- accepting or not ---------------------------------------------------------------
     def _should_accept(self) -> bool:
-        return not (self.draining or self.over_share or self.full())
+        return not (self.draining or self.over_share or self.ahead or self.full())
 
     def _want_switch(self) -> None:
         if self._switching is None or self._switching.done():
@@ -164,7 +199,7 @@ class Balancer:
         os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
         duplicate = socket.socket(fileno=os.dup(sock.fileno()))
         try:
-            return await self._loop.create_server(self.protocol_factory, sock=duplicate, backlog=self.backlog)
+            return await self._loop.create_server(self._accepting, sock=duplicate, backlog=self.backlog)
         except BaseException:
             duplicate.close()
             raise
@@ -173,8 +208,8 @@ class Balancer:
     def _publish(self) -> None:
         if self.board is not None:
             flags = ((DRAINING if self.draining else 0) | (FULL if self.full() else 0)
-                     | (OVER_SHARE if self.over_share else 0))
-            self.board.publish(self.open_connections(), self.busy(), flags)
+                     | (OVER_SHARE if self.over_share or self.ahead else 0))
+            self.board.publish(self.open_connections(), self.busy(), flags, self.accepted)
 
     async def _ticking(self) -> None:
         # A heartbeat for the siblings, this instance's fair share of connections, and a
@@ -183,8 +218,11 @@ class Balancer:
             self._publish()
             if self.board is not None:
                 self.board.claim()
-            if self.board is not None:
-                self._share()
+                siblings = self.board.siblings()
+                self._share(siblings)
+                self._accepts.append((siblings.accepted, self.accepted))
+                if not self.ahead:
+                    self._share_accepts()
                 self._closing = 0
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
@@ -196,12 +234,11 @@ class Balancer:
         if self.board is not None and now - self._looked_at >= FRESH:
             self._looked_at = now
             self._publish()
-            self._share()
+            self._share(self.board.siblings())
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
 
-    def _share(self) -> None:
-        siblings = self.board.siblings()  # type: ignore[union-attr]
+    def _share(self, siblings: Siblings) -> None:
         mine = self.open_connections()
         if siblings.count:
             mean = (mine + siblings.connections) / (siblings.count + 1)
@@ -213,5 +250,49 @@ class Balancer:
         # Back within its share, or nobody else accepts (siblings that stopped for their
         # share at the same moment, say): accept again, or clients would wait.
         self._sibling_accepting = siblings.accepting > 0
-        if self.over_share and (mine <= self.resume_limit or not self._sibling_accepting):
+        if self.over_share and (mine <= self.resume_limit or not self._sibling_accepting or self.churning):
             self.over_share = False
+
+    def _share_accepts(self) -> None:
+        """Stops accepting while over its share of the accepts, and looks again every FRESH
+        seconds until back at the mean (nothing else wakes a paused instance whose few
+        connections have closed)."""
+        self._counted = time.monotonic()
+        over = self._accepts_over_the_mean()
+        slack = max(ACCEPTS_SLACK[0], ACCEPTS_SLACK[1] * over[1]) if over is not None else 0
+        if self.ahead:
+            # Back within half the slack: stopping until exactly at the mean kept each
+            # instance out for longer than the evening out needs (measured: 0.5 s in 5).
+            if over is None or over[0] <= slack / 2:
+                self.ahead = False
+                self._want_switch()
+            else:
+                self._loop.call_later(FRESH, self._share_accepts)
+        elif over is not None and over[0] > slack:
+            self.ahead = True
+            self._want_switch()  # not closed here: uvloop has yet to take this connection
+            self._loop.call_later(FRESH, self._share_accepts)
+
+    def _accepts_over_the_mean(self) -> tuple[float, float] | None:
+        """(accepts over the mean, the mean) over the window, or None where that says
+        nothing: a new instance (after a roll, say) takes what comes for a whole window,
+        and its siblings do not stop for its few accepts; nor for a sibling that is full."""
+        self.churning = False
+        if self.board is None or self.draining or len(self._accepts) < (self._accepts.maxlen or 0):
+            return None
+        then, mine_then = self._accepts[0]
+        siblings = self.board.siblings()
+        self._sibling_accepting = siblings.accepting > 0
+        # While an instance drains or has just started (a roll, a restart), every free
+        # core counts more than an even spread: measured, p99 during a roll under
+        # connection-close load went from 1.3x steady to 1.4-1.5x when the others still
+        # stopped for each other then.
+        if siblings.draining or not siblings.accepted.keys() <= then.keys() or not self._sibling_accepting:
+            return None
+        theirs = [n - then[pid] for pid, n in siblings.accepted.items()]
+        if not theirs:
+            return None
+        mine = self.accepted - mine_then
+        mean = (mine + sum(theirs)) / (len(theirs) + 1)
+        self.churning = mean >= MIN_ACCEPTS
+        return (mine - mean, mean) if mean >= MIN_ACCEPTS else None

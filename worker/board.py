@@ -6,7 +6,8 @@ when it decides whether to accept a connection now and whether to ask a keep-ali
 client to reconnect. Only the app's instances (one user, one directory) use it;
 unitgen reads the counters files instead, so root never trusts what is written here.
 
-A slot: pid, open connections, requests in flight, flags, heartbeat. The heartbeat is
+A slot: pid, open connections, requests in flight, flags, heartbeat, and how many
+connections the instance has accepted (written at each accept). The heartbeat is
 CLOCK_MONOTONIC, which is one clock for every process on the host; a slot whose
 heartbeat is older than STALE belongs to an instance that died or whose event loop is
 stuck, and is ignored, as are the slots of instances draining.
@@ -19,17 +20,22 @@ import os
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from unitgen_worker.contract import BOARD_SLOTS
 
-# pid, connections, in flight, flags, heartbeat; padded to 64 bytes (one cache line
-# each, so instances writing their own slots never share one).
-_SLOT = struct.Struct("<qqqqd24x")
+# pid, connections, in flight, flags, heartbeat, accepted; padded to 64 bytes (one
+# cache line each, so instances writing their own slots never share one). The accepted
+# count came last, after the rest: an older worker still running during a roll reads the
+# fields it knows where they were, and writes zeros there (it does not set COUNTS).
+_SLOT = struct.Struct("<qqqqdq16x")
+_ACCEPTED = struct.Struct("<q")
+_ACCEPTED_AT = _SLOT.size - 16 - _ACCEPTED.size
 _HEADER = struct.Struct("<q56x")  # the highest slot in use + 1, so readers scan no further
 STALE = 0.5  # seconds: the loop writes its heartbeat ten times a second
-DRAINING, FULL, OVER_SHARE = 1, 2, 4  # flags; FULL and OVER_SHARE: accepting nothing now
+DRAINING, FULL, OVER_SHARE, COUNTS = 1, 2, 4, 8  # FULL and OVER_SHARE: accepting nothing now;
+# COUNTS: the slot's writer counts its accepted connections there
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,10 @@ class Siblings:
     count: int = 0
     connections: int = 0  # their open connections, summed
     accepting: int = 0  # how many of them accept connections now
+    draining: int = 0  # alive instances draining, not counted above
+    # Connections accepted so far, by pid, of those that count them and are not full (a
+    # full one's few accepts are no share for the others to meet).
+    accepted: dict[int, int] = field(default_factory=dict)
 
 
 class Board:
@@ -72,23 +82,34 @@ class Board:
         if high <= self.instance:
             _HEADER.pack_into(self._map, 0, self.instance + 1)
 
-    def publish(self, connections: int, in_flight: int, flags: int = 0) -> None:
-        _SLOT.pack_into(self._map, self._offset, self.pid, connections, in_flight, flags, time.monotonic())
+    def publish(self, connections: int, in_flight: int, flags: int = 0, accepted: int = 0) -> None:
+        _SLOT.pack_into(self._map, self._offset, self.pid, connections, in_flight, flags | COUNTS,
+                        time.monotonic(), accepted)
+
+    def count_accepted(self, accepted: int) -> None:
+        """Between heartbeats: siblings deciding their share see every accept at once."""
+        _ACCEPTED.pack_into(self._map, self._offset + _ACCEPTED_AT, accepted)
 
     def siblings(self) -> Siblings:
         (high,) = _HEADER.unpack_from(self._map, 0)
         high = max(0, min(high, BOARD_SLOTS))
         now = time.monotonic()
         slots = self._map[_HEADER.size:_HEADER.size + high * _SLOT.size]
-        count = connections = accepting = 0
-        for pid, open_connections, _, flags, beat in _SLOT.iter_unpack(slots):
-            if pid and pid != self.pid and not flags & DRAINING and 0 <= now - beat < STALE:
+        count = connections = accepting = draining = 0
+        accepted = {}
+        for pid, open_connections, _, flags, beat, accepted_by_it in _SLOT.iter_unpack(slots):
+            if pid and pid != self.pid and flags & DRAINING and 0 <= now - beat < STALE:
+                draining += 1
+            elif pid and pid != self.pid and 0 <= now - beat < STALE:
                 count += 1
                 connections += open_connections
                 accepting += not flags & (FULL | OVER_SHARE)
-        return Siblings(count=count, connections=connections, accepting=accepting)
+                if flags & COUNTS and not flags & FULL:
+                    accepted[pid] = accepted_by_it
+        return Siblings(count=count, connections=connections, accepting=accepting, draining=draining,
+                        accepted=accepted)
 
     def leave(self) -> None:
         """Clears this instance's slot (at exit): siblings stop counting it at once."""
-        _SLOT.pack_into(self._map, self._offset, 0, 0, 0, 0, 0.0)
+        _SLOT.pack_into(self._map, self._offset, 0, 0, 0, 0, 0.0, 0)
         self._map.close()

@@ -1,13 +1,16 @@
 """The load board (a real shared file mapped twice) and the stuck-request watch."""
 
+import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 
 import pytest
 
 from unitgen_worker import board as board_module
+from unitgen_worker.balance import FRESH, Balancer
 from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board, Siblings
 from unitgen_worker.hung import HungRequests, Running, WatchThreads
 
@@ -20,19 +23,72 @@ def test_siblings_see_each_other_and_skip_stale_and_draining_slots(tmp_path, mon
     me.publish(connections=9, in_flight=1)
     other.publish(connections=4, in_flight=0)
     third.publish(connections=7, in_flight=2)
-    assert me.siblings() == Siblings(count=2, connections=11, accepting=2)
+    assert me.siblings() == Siblings(count=2, connections=11, accepting=2, accepted={other.pid: 0, third.pid: 0})
     other.publish(connections=4, in_flight=0, flags=FULL)
     third.publish(connections=7, in_flight=2, flags=OVER_SHARE)
-    assert me.siblings() == Siblings(count=2, connections=11, accepting=0)  # alive, but not accepting
+    # Alive, but not accepting.
+    assert me.siblings() == Siblings(count=2, connections=11, accepting=0, accepted={third.pid: 0})
     third.publish(connections=7, in_flight=2, flags=DRAINING)
-    assert me.siblings() == Siblings(count=1, connections=4, accepting=0)
+    assert me.siblings() == Siblings(count=1, connections=4, accepting=0, draining=1, accepted={})
     now = time.monotonic()
     monkeypatch.setattr(board_module.time, "monotonic", lambda: now + board_module.STALE + 0.1)
     assert me.siblings() == Siblings()  # a heartbeat that stopped: dead, or its loop is stuck
     monkeypatch.undo()
     other.leave()
+    assert me.siblings() == Siblings(draining=1)  # the third, draining
+    third.leave()
     assert me.siblings() == Siblings()
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_accepted_counts_of_siblings_that_count_them_and_are_not_full(tmp_path):
+    path = tmp_path / "board"
+    me, other, third = Board(path, 0), Board(path, 1), Board(path, 2)
+    other.pid, third.pid = me.pid + 1, me.pid + 2
+    other.publish(connections=2, in_flight=0, accepted=900)
+    third.publish(connections=2, in_flight=0, accepted=1100)
+    other.count_accepted(950)  # between heartbeats
+    assert me.siblings() == Siblings(count=2, connections=4, accepting=2, accepted={other.pid: 950, third.pid: 1100})
+    third.publish(connections=2, in_flight=2, flags=FULL, accepted=1100)
+    assert me.siblings() == Siblings(count=2, connections=4, accepting=1, accepted={other.pid: 950})
+    # A worker from before the count (during a roll) writes zeros there and no COUNTS flag.
+    board_module._SLOT.pack_into(third._map, third._offset, third.pid, 2, 0, 0, time.monotonic(), 0)
+    assert me.siblings().accepted == {other.pid: 950}
+
+
+def test_an_instance_ahead_on_accepts_stops_accepting_until_its_sibling_catches_up(tmp_path):
+    path = tmp_path / "board"
+    sibling = Board(path, 1)
+    sibling.pid = os.getpid() + 1
+
+    async def scenario():
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            me = Balancer([listener], asyncio.Protocol, [], board=Board(path, 0), capacity=0, busy=lambda: 0,
+                          rebalance=True, backlog=16)
+            await me.start()
+            sibling.publish(connections=0, in_flight=0, accepted=0)
+            for _ in range(me._accepts.maxlen - 1):  # a second of ticks, with nothing accepted
+                me._accepts.append(({sibling.pid: 0}, 0))
+            me.accepted = 200  # against the sibling's 100: 50 over the mean of 150
+            sibling.count_accepted(100)
+            me._share_accepts()
+            assert not me.ahead  # not a whole window yet: a new instance takes what comes
+            me._accepts.append(({sibling.pid: 0}, 0))
+            me._share_accepts()
+            assert me.ahead and me.churning
+            await asyncio.sleep(FRESH)
+            assert me._servers == [] and me._should_accept() is False
+            sibling.publish(connections=0, in_flight=0, accepted=196)  # 2 over the mean: within half the slack
+            await asyncio.sleep(3 * FRESH)
+            assert not me.ahead and me._servers
+            # A full sibling's few accepts are no share to meet.
+            sibling.publish(connections=0, in_flight=4, flags=board_module.FULL, accepted=10)
+            me._share_accepts()
+            assert not me.ahead
+            await me.stop()
+            me.leave()
+
+    asyncio.run(scenario())
 
 
 def test_a_claim_lost_to_a_sibling_starting_together_is_made_again(tmp_path):
@@ -43,7 +99,7 @@ def test_a_claim_lost_to_a_sibling_starting_together_is_made_again(tmp_path):
     far.publish(connections=3, in_flight=0)
     assert me.siblings() == Siblings()
     far.claim()
-    assert me.siblings() == Siblings(count=1, connections=3, accepting=1)
+    assert me.siblings() == Siblings(count=1, connections=3, accepting=1, accepted={far.pid: 0})
 
 
 def test_the_board_refuses_a_link_and_instances_without_a_slot(tmp_path):
