@@ -44,7 +44,7 @@ from unitgen.spec import (
 from unitgen.state import App
 from unitgen.status import collect, table
 from unitgen_worker import alert
-from unitgen_worker.contract import DRAIN_TIMEOUT, REQUEST_TIMEOUT, THREADS, WATCHDOG
+from unitgen_worker.contract import DRAIN_TIMEOUT, HOLD, REQUEST_TIMEOUT, THREADS, WATCHDOG
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -152,7 +152,9 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def cmd_roll(args: argparse.Namespace) -> int:
     if args.pause < 0:
         die(f"--pause {args.pause} is negative", hint="give seconds to wait between instances, e.g. --pause 2")
-    roll(args.name, pause=args.pause, all_at_once=args.all_at_once)
+    if args.hold < 0:
+        die(f"--hold {args.hold} is negative", hint="give seconds to watch each instance, e.g. --hold 3 (0: none)")
+    roll(args.name, pause=args.pause, all_at_once=args.all_at_once, hold=args.hold, restart=args.restart)
     return 0
 
 
@@ -241,9 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     uninst.set_defaults(func=cmd_uninstall)
 
     rollp = sub.add_parser("roll", parents=[common],
-                           help="restart every instance, one at a time, without failing a request")
+                           help="swap every instance's process, one at a time, without failing a request")
     rollp.add_argument("name")
     rollp.add_argument("--pause", type=float, default=0.0, metavar="SECONDS", help="wait between instances")
+    rollp.add_argument("--hold", type=float, default=HOLD, metavar="SECONDS",
+                       help=f"watch each instance this long after it is ready; stop if it exits (default {HOLD:g})")
+    rollp.add_argument("--restart", action="store_true",
+                       help="restart each instance (drain, then start) instead of swapping its process in place")
     rollp.add_argument("--all-at-once", action="store_true",
                        help="restart every instance together; the socket queues connections meanwhile")
     rollp.set_defaults(func=cmd_roll)

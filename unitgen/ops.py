@@ -14,7 +14,7 @@ from unitgen.install import UNIT_DIR, write_files
 from unitgen.render import render_files, spec_file
 from unitgen.run import log, run, stream, systemctl
 from unitgen.state import App, show
-from unitgen_worker.contract import instances_pattern
+from unitgen_worker.contract import HOLD, instances_pattern
 
 
 def _say(message: str) -> None:
@@ -26,12 +26,17 @@ def _journal_tail(unit: str, lines: int = 15) -> str:
     return "\n".join(f"    {line}" for line in out.rstrip().splitlines())
 
 
-def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False) -> None:
-    """Restart every instance, one at a time; stop at the first that does not become ready.
+def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False, hold: float = HOLD,
+         restart: bool = False) -> None:
+    """Swap every instance's process, one at a time; stop at the first that does not take.
 
-    Each instance drains (its requests finish, its clients move to the siblings) and
-    `systemctl restart` returns only once the new process has sent READY=1 (Type=notify).
-    The socket is never restarted: connections queue in it meanwhile.
+    `systemctl reload` starts the new process beside the old one, which serves until the
+    new one is ready and then drains (unitgen_worker.handover): capacity never drops. An
+    instance whose unit changed since it started (a new render: ExecStart=, Environment=)
+    is restarted instead, as a reload would run the old command line: it drains, and
+    `systemctl restart` returns once the new process sent READY=1. Either way the
+    instance is then watched for `hold` seconds: a release that exits or restarts soon
+    after READY stops the roll, and the instances not reached keep the old release.
     """
     app = App(name)
     units = app.wanted()
@@ -43,26 +48,61 @@ def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False) -> None:
         if result.returncode != 0:
             states = show(units, ["ActiveState"])
             failed = [u for u, s in zip(units, states, strict=True) if s.get("ActiveState") != "active"]
-            _fail(failed[0] if failed else units[0])
+            _fail(failed[0] if failed else units[0], "did not become ready")
         _say(f"restarted {len(units)} instances together in {time.monotonic() - began:.2f} s")
         return
+    changed = app.units_changed_at()
     for position, unit in enumerate(units, 1):
+        before = show([unit], _WATCHED)[0]
+        how = "reload" if not restart and _runs_current_units(before, changed) else "restart"
         began = time.monotonic()
-        result = systemctl("restart", unit, check=False)
+        result = systemctl(how, unit, check=False)
         took = time.monotonic() - began
+        left = len(units) - position
         if result.returncode != 0:
-            _fail(unit, done=position - 1, total=len(units))
-        pid = show([unit], ["MainPID"])[0].get("MainPID", "?")
-        _say(f"[{position}/{len(units)}] {unit} ready in {took:.2f} s (pid {pid})")
+            what = "did not become ready" if how == "restart" else "could not swap its process (the old one serves on)"
+            _fail(unit, what, left=left)
+        after = show([unit], _WATCHED)[0]
+        done = "swapped" if how == "reload" else "restarted"
+        _say(f"[{position}/{len(units)}] {unit} {done} in {took:.2f} s "
+             f"(pid {before.get('MainPID', '?')} -> {after.get('MainPID', '?')})")
+        if hold > 0:
+            _hold(unit, after, hold, left=left)
         if pause and position < len(units):
             time.sleep(pause)
     _say(f"rolled {len(units)} instances of {app.name}")
 
 
-def _fail(unit: str, *, done: int = 0, total: int = 0) -> None:
-    left = f"; {total - done - 1} instances not restarted still run the old code" if total else ""
-    _say(f"{unit} did not become ready{left}. Its journal:\n{_journal_tail(unit)}")
-    die(f"roll stopped at {unit}: it did not become ready",
+_WATCHED = ["MainPID", "NRestarts", "ActiveState", "ActiveEnterTimestampMonotonic"]
+HOLD_POLL = 0.1  # seconds between looks at an instance during its hold
+
+
+def _runs_current_units(unit: dict[str, str], changed: float) -> bool:
+    """Whether the instance started after its unit files last changed (CLOCK_MONOTONIC;
+    a reload leaves ActiveEnterTimestamp as it is), so that a new process started like
+    the running one runs what is installed now."""
+    entered = int(unit.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
+    return unit.get("ActiveState") == "active" and entered > changed
+
+
+def _hold(unit: str, ready: dict[str, str], hold: float, *, left: int) -> None:
+    """Watches an instance for hold seconds after it became ready; stops the roll when its
+    process exits or systemd restarts it meanwhile."""
+    until = time.monotonic() + hold
+    while time.monotonic() < until:
+        time.sleep(HOLD_POLL)
+        now = show([unit], _WATCHED)[0]
+        if (now.get("MainPID"), now.get("NRestarts"), now.get("ActiveState")) != (
+                ready.get("MainPID"), ready.get("NRestarts"), "active"):
+            _fail(unit, f"did not stay up for {hold:g} s after it became ready (pid {ready.get('MainPID')} -> "
+                  f"{now.get('MainPID')}, {now.get('ActiveState')}, restarts {ready.get('NRestarts')} -> "
+                  f"{now.get('NRestarts')})", left=left)
+
+
+def _fail(unit: str, what: str, *, left: int = 0) -> None:
+    rest = f"; the {left} instances not reached still run the old release" if left else ""
+    _say(f"{unit} {what}{rest}. Its journal:\n{_journal_tail(unit)}")
+    die(f"roll stopped at {unit}: it {what}",
         hint=f"fix the app and roll again; `unitgen logs {unit.split('@')[0]}` shows more")
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 
 from unitgen.errors import die
 from unitgen.install import UNIT_DIR, installed_spec, is_ours
-from unitgen.render import unit_names
+from unitgen.render import spec_file, unit_names
 from unitgen.run import systemctl
 from unitgen.spec import AppSpec, parse_name
 from unitgen_worker.contract import instances_pattern
@@ -46,6 +47,13 @@ class App:
                 hint="render and install it again with this unitgen")
         self.spec: AppSpec = spec
         self.app = spec.app
+
+    def units_changed_at(self) -> float:
+        """When its service template or saved spec was last written, on CLOCK_MONOTONIC
+        (systemd's *TimestampMonotonic clock)."""
+        files = [UNIT_DIR / self.service, UNIT_DIR / spec_file(self.name)]
+        written = max((path.stat().st_mtime for path in files if path.exists()), default=0.0)
+        return written - (time.time() - time.monotonic())
 
     def wanted(self) -> list[str]:
         """The instances the target wants, by number: what runs after a reboot."""

@@ -26,7 +26,15 @@ from datetime import datetime, timezone
 from unitgen.escape import printable
 from unitgen.state import App, instance_number, show
 from unitgen_worker.backoff import load as load_backoff
-from unitgen_worker.contract import RUNTIME_ROOT, Counters, backoff_file, counters_file, read_app_file
+from unitgen_worker.contract import (
+    RUNTIME_ROOT,
+    Counters,
+    HandoverResult,
+    backoff_file,
+    counters_file,
+    handover_file,
+    read_app_file,
+)
 
 PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent", "NRestarts"]
 SCHEMA = 1
@@ -55,6 +63,7 @@ class InstanceStatus:
     threads: int | None = None
     requests_share: float | None = None
     connections_share: float | None = None
+    reload_error: str | None = None  # its last reload failed and this process served on
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,12 @@ def read_counters(directory, instance: int, pid: int | None) -> Counters | None:
     text = read_app_file(counters_file(directory, instance))
     counters = Counters.from_json(text) if text is not None else None
     return counters if counters is not None and pid and counters.pid == pid else None
+
+
+def reload_error(directory, instance: int, pid: int | None) -> str | None:
+    """Why the last reload of the process pid failed, if it did (it serves on)."""
+    result = HandoverResult.from_json(read_app_file(handover_file(directory, instance)))
+    return (result.error or "failed") if result and not result.ok and pid and result.old == pid else None
 
 
 def collect(name: str) -> AppStatus:
@@ -119,6 +134,7 @@ def collect(name: str) -> AppStatus:
             connections=counters.connections if counters else None,
             busy_threads=counters.busy if counters and counters.threads else None,
             threads=counters.threads if counters and counters.threads else None,
+            reload_error=reload_error(directory, instance_number(unit), pid) if running else None,
         ))
     rows = _with_shares(rows)
     # Listen= is "ADDRESS (Stream)", several separated by spaces between pairs.
@@ -208,6 +224,8 @@ def table(app_status: AppStatus) -> str:
             note.append(f"{row['failures']} failures in a row")
         if row["next_attempt"]:
             note.append(f"next attempt {row['next_attempt']}")
+        if row["reload_error"]:
+            note.append(f"last reload failed: {row['reload_error']}")
         rows.append((row["unit"], f"{row['state']}/{row['sub_state']}", str(row["pid"] or "-"),
                      _human(row["uptime_seconds"]),
                      _memory(row), str(row["restarts"]),

@@ -6,6 +6,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,10 @@ from unitgen_worker.contract import (
     counters_file,
     runtime_directory_of_this_process,
 )
+from unitgen_worker.handover import adopt_sockets
 from unitgen_worker.hung import HungRequests, WatchThreads
 from unitgen_worker.loader import ConfigError, as_asgi, detect_interface, import_app
-from unitgen_worker.sd import NoSocketError, adopt_listen_sockets
+from unitgen_worker.sd import NoSocketError
 
 log = logging.getLogger("unitgen.worker")
 
@@ -50,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     # systemd's watchdog kills with SIGABRT: faulthandler prints every thread's stack
     # to stderr (the journal) first, which shows where the event loop was stuck.
     faulthandler.enable(all_threads=True)
+    # SIGHUP asks for a reload (handover.py) once the instance serves; systemd sends none
+    # before, and one sent by hand must not kill a starting instance. A handler, not
+    # SIG_IGN: that would be inherited by every program the app runs.
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
     try:
-        sockets = adopt_listen_sockets()
+        sockets, successor = adopt_sockets()
         app, interface = load(args.app, args.interface)
     except (ConfigError, NoSocketError) as err:
         # One line in the journal, no traceback: RestartPreventExitStatus= stops here.
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     code = serve(served, sockets, lifespan=lifespan, drain_timeout=args.drain_timeout, state=state,
                  hung=HungRequests(args.request_timeout, state.running, state.threads),
                  board=open_board(runtime, args.instance), capacity=capacity, busy=busy, rebalance=args.rebalance,
-                 counters_path=counters)
+                 counters_path=counters, successor=successor, instance=args.instance, runtime=runtime)
     if code == EXIT_RECYCLE:
         # Stuck threads would hold the interpreter's exit (it joins them) until they end.
         logging.shutdown()

@@ -151,6 +151,18 @@ def read_app_file(path: Path, limit: int = 4096) -> str | None:
         return None
 
 
+def handover_file(directory: Path, instance: int | str) -> Path:
+    """The outcome of an instance's last reload (HandoverResult), for its ExecReload=
+    waiter and `unitgen status`."""
+    return directory / f"{instance}.handover.json"
+
+
+def handover_lock(directory: Path) -> Path:
+    """Held by an instance from the start of its swap to the end of its old process's
+    drain: one app never has two instances swapping or draining at once."""
+    return directory / "handover.lock"
+
+
 def runtime_directory_of_this_process() -> Path | None:
     """$RUNTIME_DIRECTORY as systemd set it for this instance, or None (run by hand)."""
     value = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
@@ -208,6 +220,44 @@ class Counters:
         threads = f", {self.busy}/{self.threads} threads busy" if self.threads else ""
         return (f"{phase}: {self.requests} requests, {self.in_flight} in flight, "
                 f"{self.connections} connections{threads}, up since {started}")
+
+
+# --- reload in place (unitgen_worker.handover) --------------------------------------
+# The old process starts the new one with this variable: the listening fds it passes
+# (at the same numbers), its end of a socket pair for "ready"/"main", and the watchdog
+# timeout. LISTEN_PID cannot name a process that does not exist yet, hence a variable
+# of our own.
+HANDOVER_VARIABLE = "UNITGEN_HANDOVER"
+HANDOVER_TIMEOUT = 90.0  # seconds the new process has to become ready (import, lifespan)
+HOLD = 3.0  # seconds `unitgen roll` watches each swapped instance before the next
+
+
+@dataclass(frozen=True)
+class HandoverResult:
+    """How an instance's last reload went, written by its old process."""
+
+    old: int  # the pid that was asked to reload
+    new: int  # the pid that serves now (old, when the swap failed)
+    ok: bool
+    asked: float  # CLOCK_MONOTONIC of the last SIGHUP this swap answers
+    error: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"old": self.old, "new": self.new, "ok": self.ok, "asked": self.asked,
+                           "error": self.error})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> HandoverResult | None:
+        try:
+            data = json.loads(text or "")
+            result = cls(old=data["old"], new=data["new"], ok=data["ok"], asked=data["asked"],
+                         error=str(data["error"])[:300])
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return None
+        if type(result.old) is not int or type(result.new) is not int or type(result.ok) is not bool \
+                or type(result.asked) not in (int, float):
+            return None
+        return result
 
 
 # --- names -----------------------------------------------------------------------

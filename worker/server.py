@@ -15,6 +15,9 @@ own Server.shutdown(), which is its last step:
 The same drain recycles an instance whose threads are all stuck (hung.py), except that
 it does not wait for the stuck requests.
 
+On SIGHUP (`systemctl reload`), a new process takes the instance over and this one then
+drains the same way (handover.py): capacity never drops.
+
 uvicorn gets no listening socket: the Balancer (balance.py) serves each through a
 duplicate of its descriptor with uvicorn's protocol, and stops and starts accepting, so
 that load spreads evenly and an instance with no room accepts nothing.
@@ -34,6 +37,7 @@ import inspect
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
@@ -44,6 +48,7 @@ import uvicorn
 from unitgen_worker.balance import Balancer
 from unitgen_worker.board import Board
 from unitgen_worker.contract import EXIT_RECYCLE, EXIT_STARTUP
+from unitgen_worker.handover import Successor, Swap, become_main
 from unitgen_worker.hung import HungRequests
 from unitgen_worker.lifecycle import FORCE_AFTER, RunState, TrackRequests, ping
 from unitgen_worker.sd import notify, watchdog_interval
@@ -57,7 +62,8 @@ class WorkerServer(uvicorn.Server):
     """uvicorn's Server with systemd's lifecycle: READY=1 after startup, our drain on SIGTERM."""
 
     def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float, hung: HungRequests,
-                 balance: dict[str, Any], counters_path: Path | None = None) -> None:
+                 balance: dict[str, Any], counters_path: Path | None = None, successor: Successor | None = None,
+                 instance: str = "0", runtime: Path | None = None) -> None:
         super().__init__(config)
         self.state = state
         self.drain_timeout = drain_timeout
@@ -67,6 +73,13 @@ class WorkerServer(uvicorn.Server):
         self.listen_sockets: list[socket.socket] = []
         self.pinger: asyncio.Task[None] | None = None  # from READY=1 on
         self.watcher: asyncio.Task[None] | None = None
+        self.successor = successor  # started by a reload: the old process hands over
+        self.instance = instance
+        self.runtime = runtime
+        self.swapper: asyncio.Task[None] | None = None
+        self.swap_asked = asyncio.Event()
+        self.asked_at = 0.0  # CLOCK_MONOTONIC of the last SIGHUP
+        self.handed_over = False  # a new process is the instance now: this one only drains
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Only flags: main_loop() sees should_exit and returns, then shutdown() drains.
@@ -82,7 +95,7 @@ class WorkerServer(uvicorn.Server):
         try:
             await super().serve(sockets=sockets)
         finally:
-            for task in (self.pinger, self.watcher):
+            for task in (self.pinger, self.watcher, self.swapper):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -107,9 +120,35 @@ class WorkerServer(uvicorn.Server):
                             backlog=self.config.backlog, **self.balance)
         self.state.balancer = balancer
         await balancer.start()
-        notify(f"READY=1\nSTATUS={self.state.status()}")
-        self.pinger = asyncio.ensure_future(ping(self.state, watchdog_interval(), self.counters_path))
+        if self.successor is None:
+            notify(f"READY=1\nSTATUS={self.state.status()}")
+        elif not await become_main(self.successor):
+            # The old process gave up on this one (or died): serve nothing more.
+            log.error("the old process did not hand instance %s over: exiting", self.instance)
+            self.should_exit = True
+        watchdog = watchdog_interval()
+        self.pinger = asyncio.ensure_future(ping(self.state, watchdog, self.counters_path))
         self.watcher = asyncio.ensure_future(self._watch_requests())
+        self.swapper = asyncio.ensure_future(self._swap_when_asked(Swap(self.listen_sockets, self.instance,
+                                                                        self.runtime, watchdog)))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._asked_to_swap)
+
+    def _asked_to_swap(self) -> None:
+        # Run by the loop (add_signal_handler), not in the signal's context: only flags.
+        self.asked_at = time.monotonic()
+        self.swap_asked.set()
+
+    async def _swap_when_asked(self, swap: Swap) -> None:
+        while True:
+            await self.swap_asked.wait()
+            self.swap_asked.clear()
+            if self.should_exit:
+                swap.refuse(self.asked_at, "this process is stopping")
+                continue
+            if await swap.run(self.asked_at) is not None:
+                self.handed_over = True
+                self.should_exit = True  # main_loop() returns, shutdown() drains
+                return
 
     def _protocol_factory(self) -> Any:
         """What uvicorn's startup would pass to create_server(): its HTTP protocol, bound
@@ -135,7 +174,18 @@ class WorkerServer(uvicorn.Server):
             return
         state = self.state
         state.draining = True  # before STOPPING=1, whose STATUS= says "draining"
-        notify(f"STOPPING=1\nSTATUS={state.status()}")
+        if self.swapper is not None and not self.handed_over:
+            self.swapper.cancel()  # a swap under way: its new process is stopped
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.swapper
+        if self.handed_over:
+            # Not the main process any more: systemd would refuse its notifications,
+            # and the board slot and counters file are the new process's now.
+            self.pinger.cancel()
+            if state.balancer is not None:
+                state.balancer.board = None
+        else:
+            notify(f"STOPPING=1\nSTATUS={state.status()}")
         log.info("draining: %d requests in flight", state.in_flight)
         if state.balancer is not None:
             await state.balancer.stop()
@@ -213,7 +263,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float, state: RunState,
           hung: HungRequests, board: Board | None, capacity: int, busy: Callable[[], int], rebalance: bool,
-          counters_path: Path | None = None) -> int:
+          counters_path: Path | None = None, successor: Successor | None = None, instance: str = "0",
+          runtime: Path | None = None) -> int:
     """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
     config = uvicorn.Config(
         TrackRequests(app, state),
@@ -222,7 +273,8 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
         access_log=False,
     )
     server = WorkerServer(config, state, drain_timeout=drain_timeout, hung=hung, counters_path=counters_path,
-                          balance={"board": board, "capacity": capacity, "busy": busy, "rebalance": rebalance})
+                          balance={"board": board, "capacity": capacity, "busy": busy, "rebalance": rebalance},
+                          successor=successor, instance=instance, runtime=runtime)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:

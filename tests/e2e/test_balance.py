@@ -42,7 +42,7 @@ def test_keepalive_clients_spread_again_after_a_roll(box, deploy, instances, low
     load = Wrk(f"{app.url}/", seconds=40)
     time.sleep(3)
     began = time.monotonic()
-    box.run("unitgen", "roll", app.name, timeout=120)
+    box.run("unitgen", "roll", app.name, "--hold", "1", timeout=120)
     rolled = time.monotonic() - began
     time.sleep(10)
     before = counters(app)
@@ -67,21 +67,20 @@ def test_new_connections_spread_evenly_and_a_roll_fails_none(box, deploy):
     time.sleep(1.2)  # counters are published once a second
     served = served_between(before, counters(app))
     ratio = max(served.values()) / min(served.values())
-    during = Wrk(f"{app.url}/", seconds=8, headers=close)
+    during = Wrk(f"{app.url}/", seconds=12, headers=close)
     time.sleep(0.5)
     began = time.monotonic()
-    box.run("unitgen", "roll", app.name, timeout=120)
+    box.run("unitgen", "roll", app.name, "--hold", "1", timeout=120)
     rolled = time.monotonic() - began
     rolling = during.result()
     print(f"{box.suite}: connection-close load over 4 instances: {served}, max/min {ratio:.2f}; "
           f"steady {steady.requests} requests p99 {steady.p99_ms} ms; roll {rolled:.1f} s: "
           f"{rolling.requests} requests, {rolling.failed} failed, p99 {rolling.p99_ms} ms")
     assert steady.failed == 0 and steady.requests > 2000, steady.output
-    # Issue 10 asks for 1.25 or less: measured 1.09-1.33 on this 2-core machine, so not met
-    # every time yet (the issue stays open on it). This guards against the spread
-    # without the board and single accepts: 1.73-2.05.
-    assert ratio <= 1.5, served
-    assert rolled < 8, "the roll did not fit in the measured load"
+    # Without the board and single accepts: 1.73-2.05; on shares of open connections
+    # alone, 1.09-1.33; on accept counts, 1.01-1.03.
+    assert ratio <= 1.25, served
+    assert rolled < 11, "the roll did not fit in the measured load"
     assert rolling.failed == 0, rolling.output
     assert rolling.p99_ms <= 1.5 * steady.p99_ms, (steady.output, rolling.output)
 

@@ -28,7 +28,7 @@ def test_roll_under_keepalive_load_fails_nothing(box, deploy, instances):
     load = Wrk(f"{app.url}/", seconds=20)
     began, rolls = time.monotonic(), 0
     while time.monotonic() - began < 14 or rolls == 0:
-        roll = box.run("unitgen", "roll", app.name)
+        roll = box.run("unitgen", "roll", app.name, "--hold", "0.5")
         assert f"rolled {instances} instances" in roll.stderr
         rolls += 1
     during = load.result()
@@ -44,12 +44,13 @@ def test_roll_onto_a_broken_release_stops_at_the_first_instance(box, deploy, fla
     load = Wrk(f"{app.url}/", seconds=8)
     time.sleep(1)
     flags("fail-startup-all")  # the new release cannot start
-    roll = box.run("unitgen", "roll", app.name, check=False)
+    # Restarts (the swaps in place are tests/e2e/test_reload.py's).
+    roll = box.run("unitgen", "roll", "--restart", app.name, check=False)
     result = load.result()
     assert roll.returncode != 0
     assert f"unitgen: error: roll stopped at {app.name}@0.service" in roll.stderr
     assert "failing on purpose" in roll.stderr  # the instance's own journal lines
-    assert "2 instances not restarted still run the old code" in roll.stderr
+    assert "the 2 instances not reached still run the old release" in roll.stderr
     assert {i: app.show(f"{app.name}@{i}.service", "MainPID") for i in (1, 2)} == before
     assert result.failed == 0, result.output
     status = json.loads(box.run("unitgen", "status", app.name, "--json").stdout)
@@ -60,7 +61,7 @@ def test_roll_onto_a_broken_release_stops_at_the_first_instance(box, deploy, fla
 def test_two_rolls_of_8_back_to_back_hit_no_limit(box, deploy):
     app = deploy("lifecycle:app", "--cores", "8")
     for _ in range(2):
-        box.run("unitgen", "roll", app.name)
+        box.run("unitgen", "roll", "--restart", "--hold", "0", app.name)
     socket = app.box.run("systemctl", "show", "-p", "ActiveState", "-p", "Result", f"{app.name}.socket").stdout
     assert sorted(socket.split()) == ["ActiveState=active", "Result=success"]
     assert len(active_instances(app)) == 8

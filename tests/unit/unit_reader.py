@@ -187,6 +187,16 @@ def command(value: str, table: dict[str, str]) -> tuple[str, str, list[str]]:
     return prefix, specifiers(path, table), [dollars(specifiers(a, table)) for a in args]
 
 
+def reload_command(value: str, table: dict[str, str]) -> tuple[str, str, list[str]]:
+    """ExecReload=: a command whose last word is exactly $MAINPID, the one variable
+    systemd sets for it; anything else is read as command() reads it."""
+    head, _, last = value.rpartition(" ")
+    if last != "$MAINPID":
+        raise Unreadable(f"ExecReload= does not end in $MAINPID: {value!r}")
+    prefix, path, args = command(head, table)
+    return prefix, path, [*args, last]
+
+
 def worker_command(value: str, table: dict[str, str]) -> tuple[str, str, list[str], WorkerConfig]:
     """ExecStart=: what the worker runtime parses out of its command line."""
     prefix, path, args = command(value, table)

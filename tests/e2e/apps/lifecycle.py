@@ -6,11 +6,14 @@
 /forever     a response that streams a line every 0.2 s and never ends
 Flag files in /run/unitgen-test make instance UNITGEN_INSTANCE fail on purpose:
 import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises);
-fail-startup-all makes every instance fail at startup (a broken release).
+fail-startup-all makes every instance fail at startup (a broken release);
+exit-after-ready-all makes every process that starts stop itself 1.5 s after its
+startup (SIGTERM to itself: it drains, exits 0 and systemd restarts it).
 """
 
 import asyncio
 import os
+import signal
 import time
 from urllib.parse import parse_qs
 
@@ -33,6 +36,8 @@ async def app(scope, receive, send):
                 if os.path.exists(f"{FLAGS}/fail-startup-{INSTANCE}") or os.path.exists(f"{FLAGS}/fail-startup-all"):
                     await send({"type": "lifespan.startup.failed", "message": "failing on purpose"})
                     return
+                if os.path.exists(f"{FLAGS}/exit-after-ready-all"):
+                    asyncio.get_running_loop().call_later(1.5, os.kill, os.getpid(), signal.SIGTERM)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})

@@ -1,0 +1,322 @@
+"""Reload in place: a new process takes an instance over, then the old one drains.
+
+`systemctl reload NAME@I` runs ExecReload=, this module's waiter (main() below), as the
+app's user in the instance's sandbox: it sends SIGHUP to the main process and waits for
+the outcome, exiting 1 when the swap failed, so that the reload job fails and
+`systemctl reload` (and `unitgen roll`) exit non-zero. The old process, on SIGHUP,
+runs Swap.run(), in this order:
+1. takes the app's handover lock: no two instances of one app swap or drain at once;
+2. RELOADING=1: the unit shows "reloading";
+3. starts the new process: its own command line, the listening sockets at the same fd
+   numbers, one end of a socket pair; it imports the app and runs the lifespan startup
+   beside the old process, which serves on. It is started through a short-lived
+   intermediate process, so that it is PID 1's child (an orphan) by the handover:
+   systemd marks a main process that is not its child "alien" for good, and then
+   sends SIGKILL right after SIGTERM at the next stop (no drain), whatever KillMode=;
+4. waits for "ready" on the pair (the new process accepts by then), for the new process
+   to exit, or for HANDOVER_TIMEOUT;
+5. MAINPID=<new> and READY=1: from now on systemd follows the new process (its exit
+   restarts the instance; its WATCHDOG=1 counts), then "main" to it, which starts
+   pinging the watchdog;
+6. writes the outcome (HandoverResult) for the waiter, and drains as on SIGTERM,
+   holding the lock until it exits.
+A new process that fails is killed; the old one sends READY=1 (the unit is "active"
+again), logs why in the journal, writes the failure for the waiter and `unitgen status`,
+and serves on.
+
+What this relies on in systemd, read in src/core/service.c of v252 and v257 and shown by
+tests/e2e/test_reload.py on both:
+- MAINPID= from the main process is taken while the unit is reloading (ExecReload=
+  running), for a process in the unit's cgroup; READY=1 does not end such a reload,
+  the ExecReload= process's exit does, and its failure fails the reload job while the
+  unit stays active;
+- MAINPID= and READY=1 go in one message: once MAINPID= is taken, the old process's
+  messages are refused (NotifyAccess=main);
+- WATCHDOG=1 is taken from whichever process is the main one; the watchdog's clock is
+  not reset by the change, so the new process pings at once. It gets WATCHDOG_USEC
+  again, without WATCHDOG_PID (which names the process systemd started);
+- a main process that is systemd's child is watched like any other: its exit restarts
+  the unit, and a stop waits for its drain.
+Type=notify-reload (253+) is not used: there READY=1 ends a reload as done, and a
+failed swap could not fail `systemctl reload`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from unitgen_worker.contract import (
+    HANDOVER_TIMEOUT,
+    HANDOVER_VARIABLE,
+    HandoverResult,
+    handover_file,
+    handover_lock,
+    instance_of,
+    read_app_file,
+    runtime_directory_of_this_process,
+)
+from unitgen_worker.sd import NoSocketError, adopt_listen_sockets, notify
+
+log = logging.getLogger("unitgen.worker")
+LOCK_POLL = 0.05  # seconds between tries of the handover lock, and the waiter's looks
+# The intermediate: starts the new process with the listening fds and the pair's end,
+# tells its pid on that end, and exits, leaving it an orphan (PID 1's child).
+_INTERMEDIATE = ("import os, subprocess, sys; fds = [int(fd) for fd in sys.argv[1].split(',')]; "
+                 "new = subprocess.Popen(sys.argv[3:], pass_fds=fds); "
+                 "os.write(int(sys.argv[2]), b'pid %d\\n' % new.pid)")
+
+
+# --- the new process --------------------------------------------------------------
+class Successor:
+    """A process started by a reload: where it reports "ready"."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+
+
+def adopt_sockets() -> tuple[list[socket.socket], Successor | None]:
+    """The listening sockets, from systemd (a start) or from the old process (a reload),
+    and in the second case what the new process needs for the handover."""
+    value = os.environ.pop(HANDOVER_VARIABLE, None)
+    if value is None:
+        return adopt_listen_sockets(), None
+    try:
+        fields = dict(item.split("=", 1) for item in value.split())
+        fds = [int(fd) for fd in fields["fds"].split(",")]
+        control = socket.socket(fileno=int(fields["control"]))
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+    except (ValueError, KeyError, OSError) as err:
+        raise NoSocketError(f"{HANDOVER_VARIABLE}={value!r} is unusable: {err}") from None
+    for sock in sockets:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise NoSocketError(f"fd {sock.fileno()} passed in {HANDOVER_VARIABLE} is not a listening socket")
+    if fields.get("watchdog"):  # for sd.watchdog_interval(): the timeout, now for this process
+        os.environ["WATCHDOG_USEC"] = fields["watchdog"]
+        os.environ.pop("WATCHDOG_PID", None)
+    return sockets, Successor(control)
+
+
+async def become_main(successor: Successor) -> bool:
+    """Tells the old process this one is ready, and waits to be made the main one.
+    False when the old process gave up or died first: then this one must go."""
+    control = successor.control
+    loop = asyncio.get_running_loop()
+    control.setblocking(False)
+    received = b""
+    try:
+        await loop.sock_sendall(control, b"ready\n")
+        while b"main\n" not in received:
+            data = await asyncio.wait_for(loop.sock_recv(control, 64), HANDOVER_TIMEOUT)
+            if not data:
+                return False
+            received += data
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        control.close()
+    return True
+
+
+# --- the old process --------------------------------------------------------------
+class Swap:
+    """One reload of this instance, from SIGHUP to the handover or its failure."""
+
+    def __init__(self, sockets: list[socket.socket], instance: str, runtime: Path | None,
+                 watchdog_interval: float | None) -> None:
+        self.sockets = sockets
+        self.instance = instance
+        self.runtime = runtime
+        self.watchdog_usec = round(watchdog_interval * 4e6) if watchdog_interval else None
+        self._lock: int | None = None  # held from the start until this process exits
+
+    async def run(self, asked: float) -> int | None:
+        """The new process's pid once it serves as the instance, or None (it failed and
+        this process serves on)."""
+        await self._take_lock()
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+               "STATUS=reloading: starting a new process")
+        log.info("reloading: starting a new process for instance %s", self.instance)
+        ours, theirs = socket.socketpair()
+        new = None
+        try:
+            with theirs:
+                intermediate = self._start(theirs)
+            ours.setblocking(False)
+            new, error = await self._until_ready(intermediate, ours)
+            if error:
+                return self._failed(asked, new, error)
+            notify(f"MAINPID={new.pid}\nREADY=1")  # one message: after MAINPID=, ours are refused
+            with contextlib.suppress(OSError):
+                ours.setblocking(True)
+                ours.sendall(b"main\n")
+            log.info("reloaded: pid %d serves instance %s now; pid %d drains", new.pid, self.instance,
+                     os.getpid())
+            self._write(HandoverResult(old=os.getpid(), new=new.pid, ok=True, asked=asked))
+            return new.pid
+        except OSError as err:
+            return self._failed(asked, new, f"cannot start a new process: {err}")
+        except asyncio.CancelledError:  # this process is stopping (SIGTERM) mid-swap
+            self._failed(asked, new, "the old process was stopped during the reload")
+            raise
+        finally:
+            ours.close()
+            if new is not None:
+                os.close(new.pidfd)
+
+    def refuse(self, asked: float, why: str) -> None:
+        """Answers a SIGHUP that cannot start a swap (stopping, or not ready yet)."""
+        log.warning("reload refused: %s", why)
+        self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked, error=why))
+
+    def _start(self, theirs: socket.socket) -> subprocess.Popen[bytes]:
+        fds = [sock.fileno() for sock in self.sockets]
+        variable = f"fds={','.join(map(str, fds))} control={theirs.fileno()}"
+        if self.watchdog_usec:
+            variable += f" watchdog={self.watchdog_usec}"
+        # exec, not fork(): the app's threads make a bare fork unsafe. The same command
+        # line (sys.orig_argv: `-m unitgen_worker ...` included), so the new process
+        # imports the app anew from its files.
+        passed = ",".join(map(str, (*fds, theirs.fileno())))
+        return subprocess.Popen([sys.executable, "-c", _INTERMEDIATE, passed, str(theirs.fileno()),
+                                 sys.executable, *sys.orig_argv[1:]],
+                                pass_fds=(*fds, theirs.fileno()), env={**os.environ, HANDOVER_VARIABLE: variable})
+
+    async def _until_ready(self, intermediate: subprocess.Popen[bytes],
+                           ours: socket.socket) -> tuple[_Process | None, str]:
+        """The new process, and "" once it said "ready"; else why not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDOVER_TIMEOUT
+        received = b""
+        new = None
+        while b"ready\n" not in received:
+            if new is None and b"\n" in received:
+                line, received = received.split(b"\n", 1)
+                try:
+                    new = _Process.of(line)
+                except ProcessLookupError as err:
+                    return None, str(err) or "the new process exited at once; its lines are above"
+            if new is None and intermediate.poll() not in (None, 0):
+                return None, f"the new process could not be started (status {intermediate.returncode})"
+            if new is not None and new.exited():
+                return new, f"the new process (pid {new.pid}) exited before it was ready; its lines are above"
+            if loop.time() > deadline:
+                return new, f"the new process was not ready within {HANDOVER_TIMEOUT:g} s"
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(ours, 64), 0.1)
+            except TimeoutError:
+                continue
+            if not data:
+                await asyncio.sleep(0.1)  # every end closed: it is exiting, exited() says so
+            received += data
+        intermediate.wait()
+        return new, ""
+
+    def _failed(self, asked: float, new: _Process | None, error: str) -> None:
+        if new is not None and not new.exited():
+            signal.pidfd_send_signal(new.pidfd, signal.SIGKILL)
+        notify(f"READY=1\nSTATUS=reload failed, the old process serves on: {error}")
+        log.error("reload failed, pid %d serves on: %s", os.getpid(), error)
+        self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked, error=error))
+        self._release()
+        return None
+
+    async def _take_lock(self) -> None:
+        if self.runtime is None:
+            return
+        self._lock = os.open(handover_lock(self.runtime), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                await asyncio.sleep(LOCK_POLL)  # a sibling is swapping or draining
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _write(self, result: HandoverResult) -> None:
+        if self.runtime is None:
+            return
+        path = handover_file(self.runtime, self.instance)
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            scratch.write_text(result.to_json())
+            os.replace(scratch, path)
+        except OSError as err:
+            log.warning("cannot write %s: %s", path, err)
+
+
+class _Process:
+    """The new process, through a pidfd: not this process's child, so no wait(); the
+    pidfd is readable once it has exited, and signals never reach a reused pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+
+    @classmethod
+    def of(cls, line: bytes) -> _Process:
+        """From the intermediate's "pid N"; ProcessLookupError when it is gone already."""
+        word = line.removeprefix(b"pid ")
+        if not (line.startswith(b"pid ") and word.isdigit()):
+            raise ProcessLookupError(f"the intermediate process said {line[:40]!r}, not a pid")
+        return cls(int(word))
+
+    def exited(self) -> bool:
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
+
+# --- ExecReload= --------------------------------------------------------------------
+def wait(unit: str, main_pid: int) -> int:
+    """Asks the main process to reload and waits for how it went: 0 swapped, 1 not."""
+    runtime = runtime_directory_of_this_process()
+    if runtime is None:
+        print("unitgen-worker reload: no RUNTIME_DIRECTORY (run it as ExecReload= of NAME@N.service)", file=sys.stderr)
+        return 1
+    path = handover_file(runtime, instance_of(unit))
+    asked = time.monotonic()
+    try:
+        os.kill(main_pid, signal.SIGHUP)
+    except OSError as err:
+        print(f"{unit}: cannot signal pid {main_pid}: {err}", file=sys.stderr)
+        return 1
+    while True:
+        result = HandoverResult.from_json(read_app_file(path))
+        if result is not None and result.old == main_pid and result.asked >= asked:
+            if result.ok:
+                print(f"{unit}: pid {result.new} serves now; pid {main_pid} drains")
+                return 0
+            print(f"{unit}: reload failed, pid {main_pid} serves on: {result.error}", file=sys.stderr)
+            return 1
+        try:
+            os.kill(main_pid, 0)
+        except ProcessLookupError:
+            print(f"{unit}: pid {main_pid} exited before it answered the reload", file=sys.stderr)
+            return 1
+        time.sleep(LOCK_POLL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m unitgen_worker.handover NAME@N.service MAINPID", file=sys.stderr)
+        return 2
+    return wait(args[0], int(args[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
