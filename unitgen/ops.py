@@ -23,7 +23,8 @@ def _say(message: str) -> None:
 
 def _journal_tail(unit: str, lines: int = 15) -> str:
     out = run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit], check=False).stdout
-    return "\n".join(f"    {line}" for line in out.rstrip().splitlines())
+    # The app writes these lines: no escape sequence of its reaches the operator's terminal.
+    return "\n".join(f"    {printable(line)}" for line in out.rstrip().splitlines())
 
 
 def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False, hold: float = HOLD,
@@ -73,7 +74,7 @@ def roll(name: str, *, pause: float = 0.0, all_at_once: bool = False, hold: floa
     _say(f"rolled {len(units)} instances of {app.name}")
 
 
-_WATCHED = ["MainPID", "NRestarts", "ActiveState", "ActiveEnterTimestampMonotonic"]
+_WATCHED = ["MainPID", "NRestarts", "ActiveState", "ActiveEnterTimestampMonotonic", "NeedDaemonReload", "CanReload"]
 HOLD_POLL = 0.1  # seconds between looks at an instance during its hold
 
 
@@ -82,7 +83,10 @@ def _runs_current_units(unit: dict[str, str], changed: float) -> bool:
     a reload leaves ActiveEnterTimestamp as it is), so that a new process started like
     the running one runs what is installed now."""
     entered = int(unit.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
-    return unit.get("ActiveState") == "active" and entered > changed
+    # CanReload=no: rendered before reloads existed. NeedDaemonReload=yes: its files
+    # changed and systemd has not read them yet.
+    return (unit.get("ActiveState") == "active" and entered > changed and unit.get("CanReload") == "yes"
+            and unit.get("NeedDaemonReload") != "yes")
 
 
 def _hold(unit: str, ready: dict[str, str], hold: float, *, left: int) -> None:

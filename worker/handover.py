@@ -54,6 +54,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from unitgen_worker.contract import (
@@ -70,6 +71,8 @@ from unitgen_worker.sd import NoSocketError, adopt_listen_sockets, notify
 
 log = logging.getLogger("unitgen.worker")
 LOCK_POLL = 0.05  # seconds between tries of the handover lock, and the waiter's looks
+POLL = 0.02  # seconds between looks for the new process's "ready"
+STARTED_IN = os.getcwd()  # WorkingDirectory=: imported before the app can change it
 # The intermediate: starts the new process with the listening fds and the pair's end,
 # tells its pid on that end, and exits, leaving it an orphan (PID 1's child).
 _INTERMEDIATE = ("import os, subprocess, sys; fds = [int(fd) for fd in sys.argv[1].split(',')]; "
@@ -101,6 +104,10 @@ def adopt_sockets() -> tuple[list[socket.socket], Successor | None]:
     for sock in sockets:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise NoSocketError(f"fd {sock.fileno()} passed in {HANDOVER_VARIABLE} is not a listening socket")
+    for sock in (*sockets, control):
+        # pass_fds made them inheritable; as sd_listen_fds() does, no program the app
+        # runs may keep them (and the socket accepting) after this instance stops.
+        os.set_inheritable(sock.fileno(), False)
     if fields.get("watchdog"):  # for sd.watchdog_interval(): the timeout, now for this process
         os.environ["WATCHDOG_USEC"] = fields["watchdog"]
         os.environ.pop("WATCHDOG_PID", None)
@@ -138,24 +145,31 @@ class Swap:
         self.instance = instance
         self.runtime = runtime
         self.watchdog_usec = round(watchdog_interval * 4e6) if watchdog_interval else None
+        self.directory = STARTED_IN
         self._lock: int | None = None  # held from the start until this process exits
 
-    async def run(self, asked: float) -> int | None:
-        """The new process's pid once it serves as the instance, or None (it failed and
-        this process serves on)."""
-        await self._take_lock()
-        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
-               "STATUS=reloading: starting a new process")
-        log.info("reloading: starting a new process for instance %s", self.instance)
-        ours, theirs = socket.socketpair()
-        new = None
+    async def run(self, asked: float, stopping: Callable[[], bool]) -> int | None:
+        """The new process's pid once it serves as the instance, or None (it failed, or
+        stopping() turned true first, and this process serves on). Whatever goes wrong
+        ends in _failed(): the new process stopped, READY=1, the failure written, the
+        lock released."""
+        ours = new = None
         try:
+            await self._take_lock()
+            notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+                   "STATUS=reloading: starting a new process")
+            log.info("reloading: starting a new process for instance %s", self.instance)
+            ours, theirs = socket.socketpair()
             with theirs:
                 intermediate = self._start(theirs)
             ours.setblocking(False)
             new, error = await self._until_ready(intermediate, ours)
-            if error:
-                return self._failed(asked, new, error)
+            if not error and stopping():
+                error = "this process was asked to stop during the reload"
+            if not error and new is not None and new.exited():
+                error = f"the new process (pid {new.pid}) exited right after it was ready"
+            if error or new is None:
+                return self._failed(asked, new, error or "no new process")
             notify(f"MAINPID={new.pid}\nREADY=1")  # one message: after MAINPID=, ours are refused
             with contextlib.suppress(OSError):
                 ours.setblocking(True)
@@ -164,13 +178,15 @@ class Swap:
                      os.getpid())
             self._write(HandoverResult(old=os.getpid(), new=new.pid, ok=True, asked=asked))
             return new.pid
-        except OSError as err:
-            return self._failed(asked, new, f"cannot start a new process: {err}")
         except asyncio.CancelledError:  # this process is stopping (SIGTERM) mid-swap
             self._failed(asked, new, "the old process was stopped during the reload")
             raise
+        except Exception as err:  # noqa: BLE001 - any failure: the old process must serve on
+            log.exception("reload failed")
+            return self._failed(asked, new, f"cannot start a new process: {err}")
         finally:
-            ours.close()
+            if ours is not None:
+                ours.close()
             if new is not None:
                 os.close(new.pidfd)
 
@@ -188,43 +204,53 @@ class Swap:
         # line (sys.orig_argv: `-m unitgen_worker ...` included), so the new process
         # imports the app anew from its files.
         passed = ",".join(map(str, (*fds, theirs.fileno())))
-        return subprocess.Popen([sys.executable, "-c", _INTERMEDIATE, passed, str(theirs.fileno()),
-                                 sys.executable, *sys.orig_argv[1:]],
+        # The intermediate isolated (-I -S): nothing from the app's directories is imported.
+        # The new process starts where this one started (WorkingDirectory=), not
+        # wherever the app has changed to since.
+        return subprocess.Popen([sys.executable, "-I", "-S", "-c", _INTERMEDIATE, passed, str(theirs.fileno()),
+                                 sys.executable, *sys.orig_argv[1:]], cwd=self.directory,
                                 pass_fds=(*fds, theirs.fileno()), env={**os.environ, HANDOVER_VARIABLE: variable})
 
     async def _until_ready(self, intermediate: subprocess.Popen[bytes],
                            ours: socket.socket) -> tuple[_Process | None, str]:
-        """The new process, and "" once it said "ready"; else why not."""
+        """The new process, and "" once it said "ready"; else why not. Its lines come in
+        order ("pid N" from the intermediate, then "ready"), one read may hold both."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDOVER_TIMEOUT
         received = b""
         new = None
-        while b"ready\n" not in received:
-            if new is None and b"\n" in received:
+        while True:
+            while b"\n" in received:
                 line, received = received.split(b"\n", 1)
-                try:
-                    new = _Process.of(line)
-                except ProcessLookupError as err:
-                    return None, str(err) or "the new process exited at once; its lines are above"
+                if new is None:
+                    try:
+                        new = _Process.of(line)
+                    except ProcessLookupError as err:
+                        return None, str(err) or "the new process exited at once; its lines are above"
+                elif line == b"ready":
+                    intermediate.wait()
+                    return new, ""
             if new is None and intermediate.poll() not in (None, 0):
                 return None, f"the new process could not be started (status {intermediate.returncode})"
             if new is not None and new.exited():
                 return new, f"the new process (pid {new.pid}) exited before it was ready; its lines are above"
             if loop.time() > deadline:
                 return new, f"the new process was not ready within {HANDOVER_TIMEOUT:g} s"
+            # Polled, not awaited with a timeout: a sock_recv() cancelled by wait_for() at
+            # the moment data came could lose it (seen: "ready" lost, the swap timed out).
             try:
-                data = await asyncio.wait_for(loop.sock_recv(ours, 64), 0.1)
-            except TimeoutError:
+                data = ours.recv(64)
+            except BlockingIOError:
+                data = None
+            if not data:  # nothing yet, or every end closed (exiting: exited() says so)
+                await asyncio.sleep(POLL)
                 continue
-            if not data:
-                await asyncio.sleep(0.1)  # every end closed: it is exiting, exited() says so
             received += data
-        intermediate.wait()
-        return new, ""
 
     def _failed(self, asked: float, new: _Process | None, error: str) -> None:
         if new is not None and not new.exited():
-            signal.pidfd_send_signal(new.pidfd, signal.SIGKILL)
+            with contextlib.suppress(OSError):  # it may exit meanwhile
+                signal.pidfd_send_signal(new.pidfd, signal.SIGKILL)
         notify(f"READY=1\nSTATUS=reload failed, the old process serves on: {error}")
         log.error("reload failed, pid %d serves on: %s", os.getpid(), error)
         self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked, error=error))

