@@ -73,16 +73,20 @@ def test_new_connections_spread_evenly_and_a_roll_fails_none(box, deploy):
     box.run("unitgen", "roll", app.name, "--hold", "1", timeout=120)
     rolled = time.monotonic() - began
     rolling = during.result()
+    # Steady before and after: a steady p99 alone drifts by a third between runs of a
+    # few seconds here; the roll is held to the higher of the two.
+    steady_after = Wrk(f"{app.url}/", seconds=8, headers=close).result()
+    reference = max(steady.p99_ms, steady_after.p99_ms)
     print(f"{box.suite}: connection-close load over 4 instances: {served}, max/min {ratio:.2f}; "
-          f"steady {steady.requests} requests p99 {steady.p99_ms} ms; roll {rolled:.1f} s: "
-          f"{rolling.requests} requests, {rolling.failed} failed, p99 {rolling.p99_ms} ms")
+          f"steady {steady.requests} requests p99 {steady.p99_ms} ms (after: {steady_after.p99_ms} ms); "
+          f"roll {rolled:.1f} s: {rolling.requests} requests, {rolling.failed} failed, p99 {rolling.p99_ms} ms")
     assert steady.failed == 0 and steady.requests > 2000, steady.output
     # Without the board and single accepts: 1.73-2.05; on shares of open connections
     # alone, 1.09-1.33; on accept counts, 1.01-1.03.
     assert ratio <= 1.25, served
     assert rolled < 11, "the roll did not fit in the measured load"
     assert rolling.failed == 0, rolling.output
-    assert rolling.p99_ms <= 1.5 * steady.p99_ms, (steady.output, rolling.output)
+    assert rolling.p99_ms <= 1.5 * reference, (steady.output, steady_after.output, rolling.output)
 
 
 def test_status_shares_match_what_each_instance_answered(box, deploy):
