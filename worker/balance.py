@@ -93,7 +93,7 @@ class Balancer:
         self.resume_limit = math.inf  # ... until back at this
         self.accepted = 0  # connections, since start
         self.ahead = False  # accepting nothing until its accepts are back at the mean
-        # The siblings' accepted counts and its own, a tick apart, ACCEPT_WINDOW back.
+        # The siblings' accepted counts and its own, a tick apart, ACCEPTS_WINDOW back.
         self._accepts: deque[tuple[dict[int, int], int]] = deque(maxlen=round(ACCEPTS_WINDOW / TICK) + 1)
         self._counted = -math.inf  # when it last compared its accepts with the siblings'
         # Many connections come and go (over MIN_ACCEPTS each in the window): the accepts
@@ -222,7 +222,7 @@ class Balancer:
                 self._share(siblings)
                 self._accepts.append((siblings.accepted, self.accepted))
                 if not self.ahead:
-                    self._share_accepts()
+                    self._share_accepts(siblings)
                 self._closing = 0
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
@@ -253,12 +253,12 @@ class Balancer:
         if self.over_share and (mine <= self.resume_limit or not self._sibling_accepting or self.churning):
             self.over_share = False
 
-    def _share_accepts(self) -> None:
+    def _share_accepts(self, siblings: Siblings | None = None) -> None:
         """Stops accepting while over its share of the accepts, and looks again every FRESH
         seconds until back at the mean (nothing else wakes a paused instance whose few
-        connections have closed)."""
+        connections have closed). siblings: the board as the tick just read it."""
         self._counted = time.monotonic()
-        over = self._accepts_over_the_mean()
+        over = self._accepts_over_the_mean(siblings)
         slack = max(ACCEPTS_SLACK[0], ACCEPTS_SLACK[1] * over[1]) if over is not None else 0
         if self.ahead:
             # Back within half the slack: stopping until exactly at the mean kept each
@@ -273,7 +273,7 @@ class Balancer:
             self._want_switch()  # not closed here: uvloop has yet to take this connection
             self._loop.call_later(FRESH, self._share_accepts)
 
-    def _accepts_over_the_mean(self) -> tuple[float, float] | None:
+    def _accepts_over_the_mean(self, siblings: Siblings | None) -> tuple[float, float] | None:
         """(accepts over the mean, the mean) over the window, or None where that says
         nothing: a new instance (after a roll, say) takes what comes for a whole window,
         and its siblings do not stop for its few accepts; nor for a sibling that is full."""
@@ -281,7 +281,8 @@ class Balancer:
         if self.board is None or self.draining or len(self._accepts) < (self._accepts.maxlen or 0):
             return None
         then, mine_then = self._accepts[0]
-        siblings = self.board.siblings()
+        if siblings is None:
+            siblings = self.board.siblings()
         self._sibling_accepting = siblings.accepting > 0
         # While an instance drains or has just started (a roll, a restart), every free
         # core counts more than an even spread: measured, p99 during a roll under
