@@ -37,6 +37,7 @@ from unitgen.spec import (
     parse_listens,
     parse_name,
     parse_path,
+    parse_recycling,
     parse_seconds,
     parse_unit,
     parse_user,
@@ -44,7 +45,7 @@ from unitgen.spec import (
 from unitgen.state import App
 from unitgen.status import collect, table
 from unitgen_worker import alert
-from unitgen_worker.contract import DRAIN_TIMEOUT, HOLD, REQUEST_TIMEOUT, THREADS, WATCHDOG
+from unitgen_worker.contract import DRAIN_TIMEOUT, HOLD, RECYCLE_MEMORY_AT, REQUEST_TIMEOUT, THREADS, WATCHDOG
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -79,6 +80,7 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         max_concurrency=parse_count("--max-concurrency", args.max_concurrency, minimum=0, maximum=MAX_CONCURRENCY),
         request_timeout=parse_seconds("--request-timeout", args.request_timeout, minimum=0),
         rebalance=args.rebalance,
+        **parse_recycling(args.max_requests, args.max_requests_jitter, args.memory_max),
         on_failure=on_failure,
         writable=tuple(parse_path("--writable", value) for value in args.writable),
         hardening=parse_hardening(args.hardening),
@@ -212,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
                              f"stuck past it restarts; 0: off (default {REQUEST_TIMEOUT})")
     render.add_argument("--no-rebalance", dest="rebalance", action="store_false",
                         help="never ask keep-alive clients of an instance over its share to reconnect")
+    render.add_argument("--max-requests", default="0", metavar="N",
+                        help="an instance swaps its process for a fresh one, in place, after N requests "
+                             "(default 0: never)")
+    render.add_argument("--max-requests-jitter", default="0", metavar="J",
+                        help="plus a random 0 to J requests per process, so instances do not recycle together")
+    render.add_argument("--memory-max", default="0", metavar="SIZE",
+                        help="MemoryMax= of each instance (e.g. 512M); its process swaps itself for a fresh one "
+                             f"once its resident memory and a fresh process's pass {round(RECYCLE_MEMORY_AT * 100)}%% "
+                             "of it (default 0: none)")
     render.add_argument("--on-failure", metavar="UNIT", help="unit to start when an instance fails (alerting)")
     render.add_argument("--writable", action="append", default=[], metavar="PATH",
                         help="a path the app may write besides its state directory; repeatable")

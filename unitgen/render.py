@@ -81,7 +81,9 @@ def worker_command(spec: AppSpec) -> str:
     config = WorkerConfig(app=spec.app, interface=spec.interface, instance=INSTANCE_SPECIFIER,
                           drain_timeout=spec.drain_timeout, threads=spec.threads,
                           max_concurrency=spec.max_concurrency, request_timeout=spec.request_timeout,
-                          rebalance=spec.rebalance)
+                          rebalance=spec.rebalance, max_requests=spec.max_requests,
+                          max_requests_jitter=spec.max_requests_jitter,
+                          memory_max=spec.memory_max)
     python, *args = worker_argv(spec.python, config)
     # The program's path is always quoted, and '$' is not doubled there: systemd expands
     # variables in the arguments only, never in the path it executes.

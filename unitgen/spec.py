@@ -60,6 +60,10 @@ MAX_INSTANCES = 1024
 MAX_THREADS = 1024  # per instance
 VERIFY_INSTANCE = "test_instance"  # what systemd-analyze verify (257) instantiates a template with
 MAX_CONCURRENCY = 1_000_000
+MAX_REQUESTS = 1_000_000_000
+# Two Python processes (the old and the new one during a recycle) fit in the smallest.
+MIN_MEMORY_MAX = 64 << 20
+MAX_MEMORY_MAX = 1 << 50
 # sun_path holds 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
 
@@ -83,6 +87,9 @@ class AppSpec:
     max_concurrency: int = 0  # requests in flight that fill an instance; 0: its threads (WSGI), none (ASGI)
     request_timeout: int = REQUEST_TIMEOUT  # seconds before a request counts as stuck; 0: never
     rebalance: bool = True  # keep-alive clients of an instance over its share move to a sibling
+    max_requests: int = 0  # an instance swaps itself for a fresh process after this many; 0: never
+    max_requests_jitter: int = 0  # plus a random 0..this, drawn by each process
+    memory_max: int = 0  # bytes: MemoryMax= of each instance, which recycles itself below it; 0: none
     on_failure: str | None = None  # OnFailure= unit, e.g. an alerting service
     writable: tuple[str, ...] = ()  # ReadWritePaths= beside the state directory
     hardening: str = "strict"  # or "relaxed": the documented escape hatch
@@ -145,7 +152,9 @@ def validated(spec: AppSpec) -> AppSpec:
         check_on_failure(spec.name, on_failure)
     for what, value in (("instances", spec.instances), ("watchdog", spec.watchdog),
                         ("drain_timeout", spec.drain_timeout), ("threads", spec.threads),
-                        ("max_concurrency", spec.max_concurrency), ("request_timeout", spec.request_timeout)):
+                        ("max_concurrency", spec.max_concurrency), ("request_timeout", spec.request_timeout),
+                        ("max_requests", spec.max_requests), ("max_requests_jitter", spec.max_requests_jitter),
+                        ("memory_max", spec.memory_max)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{what} is not a whole number")
     if not isinstance(spec.rebalance, bool):
@@ -167,6 +176,7 @@ def validated(spec: AppSpec) -> AppSpec:
                                     maximum=MAX_CONCURRENCY),
         request_timeout=parse_seconds("--request-timeout", str(spec.request_timeout), minimum=0),
         rebalance=spec.rebalance,
+        **parse_recycling(str(spec.max_requests), str(spec.max_requests_jitter), str(spec.memory_max)),
         on_failure=on_failure,
         writable=tuple(parse_path("--writable", v) for v in strings(spec.writable, "writable")),
         hardening=parse_hardening(spec.hardening),
@@ -374,6 +384,28 @@ def parse_count(flag: str, value: str, *, minimum: int, maximum: int, digits: in
     if not minimum <= int(value) <= maximum:
         die(f"{flag} {value} is out of range", hint=hint)
     return int(value)
+
+
+def parse_recycling(max_requests: str, jitter: str, memory_max: str) -> dict[str, int]:
+    """--max-requests, --max-requests-jitter and --memory-max, as AppSpec fields."""
+    requests = parse_count("--max-requests", max_requests, minimum=0, maximum=MAX_REQUESTS, digits=10)
+    jitter_count = parse_count("--max-requests-jitter", jitter, minimum=0, maximum=MAX_REQUESTS, digits=10)
+    if jitter_count and not requests:
+        die("--max-requests-jitter needs --max-requests",
+            hint="give --max-requests N as well, for example --max-requests 5000 --max-requests-jitter 500")
+    return {"max_requests": requests, "max_requests_jitter": jitter_count, "memory_max": parse_size(memory_max)}
+
+
+def parse_size(value: str) -> int:
+    """--memory-max as systemd writes sizes (K, M, G, T: powers of 1024), in bytes; 0: none."""
+    hint = f"give --memory-max as a size such as 512M or 2G (at least {MIN_MEMORY_MAX >> 20}M), or 0 for no limit"
+    match = re.fullmatch(r"([0-9]{1,16})([KMGT]?)", value or "")
+    if not match:
+        die(f"--memory-max {value!r} is not a size", hint=hint)
+    size = int(match.group(1)) << (10 * " KMGT".index(match.group(2) or " "))
+    if size and not MIN_MEMORY_MAX <= size <= MAX_MEMORY_MAX:
+        die(f"--memory-max {value} is out of range", hint=hint)
+    return size
 
 
 def parse_unit(flag: str, value: str) -> str:

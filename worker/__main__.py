@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STARTUP
     # After the app: its import errors come first.
     from unitgen_worker.lifecycle import RunState
+    from unitgen_worker.recycle import Recycle
     from unitgen_worker.server import serve
 
     log.info("instance %s serving %s (%s)", args.instance, args.app, interface)
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     code = serve(served, sockets, lifespan=lifespan, drain_timeout=args.drain_timeout, state=state,
                  hung=HungRequests(args.request_timeout, state.running, state.threads),
                  board=open_board(runtime, args.instance), capacity=capacity, busy=busy, rebalance=args.rebalance,
-                 counters_path=counters, successor=successor, instance=args.instance, runtime=runtime)
+                 counters_path=counters, successor=successor, instance=args.instance, runtime=runtime,
+                 recycle=Recycle(args.max_requests, args.max_requests_jitter, args.memory_max))
     if code == EXIT_RECYCLE:
         # Stuck threads would hold the interpreter's exit (it joins them) until they end.
         logging.shutdown()

@@ -32,6 +32,12 @@ THREADS = 10  # a WSGI app's thread pool per instance (both WSGI adapters' own d
 # A request running longer is logged with its stack; a WSGI instance whose threads are
 # all stuck past it recycles itself (gunicorn's worker timeout, 30 s). 0: never.
 REQUEST_TIMEOUT = 30
+# --memory-max: the instance's MemoryMax= (the kernel's hard limit on its cgroup, which
+# holds the old and the new process during a swap). The worker swaps itself for a fresh
+# process once its resident memory plus a fresh process's (its own at READY) passes
+# this share of it: the rest is room for what it grows while the swap runs.
+RECYCLE_MEMORY_AT = 0.8
+RECYCLE_RETRY = 30.0  # seconds before a recycle that failed (the new process did not start) is tried again
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class WorkerConfig:
     max_concurrency: int = 0  # requests in flight before the instance stops accepting; 0: threads (WSGI), none (ASGI)
     request_timeout: float = REQUEST_TIMEOUT
     rebalance: bool = True  # ask keep-alive clients of an instance over its share to reconnect
+    max_requests: int = 0  # recycle (swap in place) after this many requests; 0: never
+    max_requests_jitter: int = 0  # plus a random 0..this, drawn by each process
+    memory_max: int = 0  # bytes: the unit's MemoryMax=, under which the process recycles itself; 0: none
 
     def to_argv(self) -> list[str]:
         argv = ["--app", self.app, "--interface", self.interface]
@@ -62,6 +71,12 @@ class WorkerConfig:
             argv += ["--request-timeout", _number(self.request_timeout)]
         if not self.rebalance:
             argv += ["--no-rebalance"]
+        if self.max_requests:
+            argv += ["--max-requests", str(self.max_requests)]
+            if self.max_requests_jitter:
+                argv += ["--max-requests-jitter", str(self.max_requests_jitter)]
+        if self.memory_max:
+            argv += ["--memory-max", str(self.memory_max)]
         return argv
 
     @classmethod
@@ -80,11 +95,25 @@ class WorkerConfig:
                             help="seconds before a request is reported stuck (0: never)")
         parser.add_argument("--no-rebalance", dest="rebalance", action="store_false",
                             help="never ask keep-alive clients to move to a less loaded sibling")
+        parser.add_argument("--max-requests", type=_count, default=0,
+                            help="swap this process for a fresh one after this many requests (0: never)")
+        parser.add_argument("--max-requests-jitter", type=_count, default=0,
+                            help="plus a random number of requests up to this, drawn by each process")
+        parser.add_argument("--memory-max", type=_count, default=0,
+                            help="the unit's MemoryMax= in bytes: swap this process for a fresh one well before it")
         args = parser.parse_args(argv)
         return cls(app=args.app, interface=args.interface, instance=args.instance,
                    drain_timeout=args.drain_timeout, check=args.check, threads=args.threads,
                    max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
-                   rebalance=args.rebalance)
+                   rebalance=args.rebalance, max_requests=args.max_requests,
+                   max_requests_jitter=args.max_requests_jitter, memory_max=args.memory_max)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def _number(value: float) -> str:

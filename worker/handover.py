@@ -148,17 +148,19 @@ class Swap:
         self.directory = STARTED_IN
         self._lock: int | None = None  # held from the start until this process exits
 
-    async def run(self, asked: float, stopping: Callable[[], bool]) -> int | None:
+    async def run(self, asked: Callable[[], float], stopping: Callable[[], bool]) -> int | None:
         """The new process's pid once it serves as the instance, or None (it failed, or
         stopping() turned true first, and this process serves on). Whatever goes wrong
         ends in _failed(): the new process stopped, READY=1, the failure written, the
-        lock released."""
+        lock released. asked() is when the last SIGHUP came: the outcome answers every
+        reload asked until it is written, also one asked while this swap ran (a roll
+        reaching an instance that is recycling itself)."""
         ours = new = None
         try:
             await self._take_lock()
             notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
                    "STATUS=reloading: starting a new process")
-            log.info("reloading: starting a new process for instance %s", self.instance)
+            log.info("reloading: pid %d starts a new process for instance %s", os.getpid(), self.instance)
             ours, theirs = socket.socketpair()
             with theirs:
                 intermediate = self._start(theirs)
@@ -176,7 +178,7 @@ class Swap:
                 ours.sendall(b"main\n")
             log.info("reloaded: pid %d serves instance %s now; pid %d drains", new.pid, self.instance,
                      os.getpid())
-            self._write(HandoverResult(old=os.getpid(), new=new.pid, ok=True, asked=asked))
+            self._write(HandoverResult(old=os.getpid(), new=new.pid, ok=True, asked=asked()))
             return new.pid
         except asyncio.CancelledError:  # this process is stopping (SIGTERM) mid-swap
             self._failed(asked, new, "the old process was stopped during the reload")
@@ -189,6 +191,10 @@ class Swap:
                 ours.close()
             if new is not None:
                 os.close(new.pidfd)
+
+    def answer_done(self, asked: float, new: int) -> None:
+        """Answers a SIGHUP that came after this process handed the instance to new."""
+        self._write(HandoverResult(old=os.getpid(), new=new, ok=True, asked=asked))
 
     def refuse(self, asked: float, why: str) -> None:
         """Answers a SIGHUP that cannot start a swap (stopping, or not ready yet)."""
@@ -247,13 +253,13 @@ class Swap:
                 continue
             received += data
 
-    def _failed(self, asked: float, new: _Process | None, error: str) -> None:
+    def _failed(self, asked: Callable[[], float], new: _Process | None, error: str) -> None:
         if new is not None and not new.exited():
             with contextlib.suppress(OSError):  # it may exit meanwhile
                 signal.pidfd_send_signal(new.pidfd, signal.SIGKILL)
         notify(f"READY=1\nSTATUS=reload failed, the old process serves on: {error}")
         log.error("reload failed, pid %d serves on: %s", os.getpid(), error)
-        self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked, error=error))
+        self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked(), error=error))
         self._release()
         return None
 

@@ -8,15 +8,17 @@ own Server.shutdown(), which is its last step:
 2. answer every request from then on with `Connection: close`, so each client moves to a
    sibling after its next response instead of finding its connection closed while its
    next request is on the wire;
-3. wait until nothing is in flight and nothing has happened for QUIET seconds, at most
-   the drain timeout; at the timeout, close the connections left (streams, WebSockets);
+3. send every open WebSocket a close frame (1012, wsclose.py), so its client reconnects
+   to a sibling now; wait until nothing is in flight and nothing has happened for QUIET
+   seconds, at most the drain timeout; at the timeout, close the connections left;
 4. uvicorn's own shutdown: it closes the idle connections and runs the lifespan
    shutdown; after a drain timeout, it gets FORCE_AFTER seconds before force_exit.
 The same drain recycles an instance whose threads are all stuck (hung.py), except that
 it does not wait for the stuck requests.
 
 On SIGHUP (`systemctl reload`), a new process takes the instance over and this one then
-drains the same way (handover.py): capacity never drops.
+drains the same way (handover.py): capacity never drops. The same swap recycles an
+instance after --max-requests or over its memory limit (recycle.py).
 
 uvicorn gets no listening socket: the Balancer (balance.py) serves each through a
 duplicate of its descriptor with uvicorn's protocol, and stops and starts accepting, so
@@ -35,9 +37,11 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
@@ -51,11 +55,14 @@ from unitgen_worker.contract import EXIT_RECYCLE, EXIT_STARTUP
 from unitgen_worker.handover import Successor, Swap, become_main
 from unitgen_worker.hung import HungRequests
 from unitgen_worker.lifecycle import FORCE_AFTER, RunState, TrackRequests, ping
+from unitgen_worker.recycle import Recycle
 from unitgen_worker.sd import notify, watchdog_interval
+from unitgen_worker.wsclose import close_websockets
 
 log = logging.getLogger("unitgen.worker")
 POLL = 0.1  # how often the drain looks whether it is quiet, as uvicorn's own waits do
 WATCH_EVERY = 0.25  # seconds between looks for stuck requests
+RECYCLE_EVERY = 0.1  # seconds between looks at the request count and resident memory (a read of /proc)
 
 
 class WorkerServer(uvicorn.Server):
@@ -63,7 +70,7 @@ class WorkerServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, state: RunState, *, drain_timeout: float, hung: HungRequests,
                  balance: dict[str, Any], counters_path: Path | None = None, successor: Successor | None = None,
-                 instance: str = "0", runtime: Path | None = None) -> None:
+                 instance: str = "0", runtime: Path | None = None, recycle: Recycle | None = None) -> None:
         super().__init__(config)
         self.state = state
         self.drain_timeout = drain_timeout
@@ -77,9 +84,13 @@ class WorkerServer(uvicorn.Server):
         self.instance = instance
         self.runtime = runtime
         self.swapper: asyncio.Task[None] | None = None
+        self.recycler: asyncio.Task[None] | None = None
         self.swap_asked = asyncio.Event()
         self.asked_at = 0.0  # CLOCK_MONOTONIC of the last SIGHUP
         self.handed_over = False  # a new process is the instance now: this one only drains
+        self.recycle = recycle or Recycle()
+        self.recycling_swap = False  # the swap asked for is a recycle, not a reload
+        self.swapping = False  # from the swap's start to its outcome
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Only flags: main_loop() sees should_exit and returns, then shutdown() drains.
@@ -95,7 +106,7 @@ class WorkerServer(uvicorn.Server):
         try:
             await super().serve(sockets=sockets)
         finally:
-            for task in (self.pinger, self.watcher, self.swapper):
+            for task in (self.pinger, self.watcher, self.swapper, self.recycler):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -131,24 +142,63 @@ class WorkerServer(uvicorn.Server):
         self.watcher = asyncio.ensure_future(self._watch_requests())
         self.swapper = asyncio.ensure_future(self._swap_when_asked(Swap(self.listen_sockets, self.instance,
                                                                         self.runtime, watchdog)))
+        if self.recycle.wanted:
+            self.recycle.ready()
+            self.recycler = asyncio.ensure_future(self._recycle_when_due())
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._asked_to_swap)
 
     def _asked_to_swap(self) -> None:
         # Run by the loop (add_signal_handler), not in the signal's context: only flags.
         self.asked_at = time.monotonic()
+        self.recycling_swap = False
         self.swap_asked.set()
 
     async def _swap_when_asked(self, swap: Swap) -> None:
+        handed_to = None
         while True:
             await self.swap_asked.wait()
             self.swap_asked.clear()
+            if handed_to is not None:
+                # Asked by a waiter that systemd started just before it took MAINPID=:
+                # that reload is done already.
+                swap.answer_done(self.asked_at, handed_to)
+                continue
             if self.should_exit:
                 swap.refuse(self.asked_at, "this process is stopping")
                 continue
-            if await swap.run(self.asked_at, lambda: self.should_exit) is not None:
+            recycling = self.recycling_swap
+            self.swapping = True
+            try:
+                new = await swap.run(lambda: self.asked_at, lambda: self.should_exit)
+            finally:
+                self.swapping = False
+            self.swap_asked.clear()  # a SIGHUP during the swap: its outcome answered it
+            if new is not None:
+                handed_to = new
                 self.handed_over = True
                 self.should_exit = True  # main_loop() returns, shutdown() drains
+                continue
+            if recycling:
+                self.recycle.failed(self.state.served, time.monotonic())
+
+    async def _recycle_when_due(self) -> None:
+        # Asks for the same swap as SIGHUP. Not while a sibling drains (a stop, a scale
+        # down): that instance is out of service already; the handover lock keeps swaps
+        # one at a time. A reload asked meanwhile is the swap this waits for, too.
+        while True:
+            await asyncio.sleep(RECYCLE_EVERY)
+            if self.should_exit:  # stopping, or handed over: the new process recycles itself
                 return
+            if self.swap_asked.is_set() or self.swapping:
+                continue
+            why = self.recycle.due(self.state.served, time.monotonic())
+            board = self.state.balancer.board if self.state.balancer is not None else None
+            if why is None or (board is not None and board.siblings().draining):
+                continue
+            log.info("recycling instance %s, pid %d: %s", self.instance, os.getpid(), why)
+            self.asked_at = time.monotonic()
+            self.recycling_swap = True
+            self.swap_asked.set()
 
     def _protocol_factory(self) -> Any:
         """What uvicorn's startup would pass to create_server(): its HTTP protocol, bound
@@ -221,8 +271,12 @@ class WorkerServer(uvicorn.Server):
     async def _until_quiet(self) -> None:
         # Polled, as uvicorn's own waits are: requests start and end in other tasks. A
         # recycle waits only for the threads that are not stuck: the requests waiting for
-        # a thread could never run, and are lost with the stuck ones.
+        # a thread could never run, and are lost with the stuck ones. WebSockets opened
+        # since the last look are asked to close as well.
+        asked: weakref.WeakSet[Any] = weakref.WeakSet()
         while not self.force_exit:
+            if closing := close_websockets(self.server_state.connections, asked):
+                log.info("draining: asked %d WebSocket clients to reconnect (close code 1012)", closing)
             if self.state.recycling and self.hung.running_unstuck() == 0:
                 log.error("recycling: %d requests stuck or waiting for a thread are lost", self.state.in_flight)
                 return
@@ -264,7 +318,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeout: float, state: RunState,
           hung: HungRequests, board: Board | None, capacity: int, busy: Callable[[], int], rebalance: bool,
           counters_path: Path | None = None, successor: Successor | None = None, instance: str = "0",
-          runtime: Path | None = None) -> int:
+          runtime: Path | None = None, recycle: Recycle | None = None) -> int:
     """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
     config = uvicorn.Config(
         TrackRequests(app, state),
@@ -274,7 +328,7 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
     )
     server = WorkerServer(config, state, drain_timeout=drain_timeout, hung=hung, counters_path=counters_path,
                           balance={"board": board, "capacity": capacity, "busy": busy, "rebalance": rebalance},
-                          successor=successor, instance=instance, runtime=runtime)
+                          successor=successor, instance=instance, runtime=runtime, recycle=recycle)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:

@@ -90,6 +90,10 @@ VALID = {
     "--threads": st.integers(1, 1024).map(str),
     "--max-concurrency": st.integers(0, 1_000_000).map(str),
     "--request-timeout": st.integers(0, 3600).map(str),
+    "--max-requests": st.integers(0, 1_000_000_000).map(str),
+    "--max-requests-jitter": st.just("0"),  # only with --max-requests (refused alone)
+    "--memory-max": st.one_of(st.just("0"), st.integers(64, 4096).map(lambda m: f"{m}M"),
+                              st.integers(1, 1024).map(lambda g: f"{g}G"), st.integers(1 << 26, 1 << 40).map(str)),
     "--on-failure": st.from_regex(r"[a-z0-9_][a-z0-9_.:-]{0,9}(%[nNip])?(@[a-z0-9_.:-]{0,6}%[nNip])?\.(service|target)",
                                   fullmatch=True),
     "--writable": st.lists(SAFE_PATH, max_size=3),
@@ -160,6 +164,10 @@ FUZZ = {
     "--threads": mix(_NUMBER, st.sampled_from(["1024", "1025", "0"])),
     "--max-concurrency": mix(_NUMBER, st.sampled_from(["1000000", "1000001", "99999999"])),
     "--request-timeout": mix(_NUMBER),
+    "--max-requests": mix(_NUMBER, st.sampled_from(["1000000000", "1000000001", "99999999999"])),
+    "--max-requests-jitter": mix(_NUMBER, st.sampled_from(["1", "1000000000", "1000000001"])),
+    "--memory-max": mix(_NUMBER, st.sampled_from(["63M", "64M", "1P", "1024T", "1025T", "512m", "512MB", "1.5G",
+                                                  " 512M", "512M\n", "-1", "0M", "67108863"])),
     "--on-failure": mix(
         st.from_regex(r"(?:[A-Za-z0-9_.:@$ \\-]|%[nNipPIjxh%]?){1,20}\.(?:service|target|socket|timer)",
                       fullmatch=True),
@@ -190,7 +198,8 @@ _FIELDS = {
     "drain_timeout": "--drain-timeout", "on_failure": "--on-failure", "writable": "--writable",
     "hardening": "--hardening", "allow": "--allow", "deny": "--deny", "helper_python": "--helper-python",
     "helper_script": "--helper-script", "threads": "--threads", "max_concurrency": "--max-concurrency",
-    "request_timeout": "--request-timeout",
+    "request_timeout": "--request-timeout", "max_requests": "--max-requests",
+    "max_requests_jitter": "--max-requests-jitter", "memory_max": "--memory-max",
 }
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | ANY,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY, inner, max_size=3), max_leaves=6)
@@ -198,8 +207,12 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | AN
 
 def _json_field(field: str, value):
     """An option's value as the saved spec holds it."""
-    if field in ("instances", "watchdog", "drain_timeout", "threads", "max_concurrency", "request_timeout"):
+    if field in ("instances", "watchdog", "drain_timeout", "threads", "max_concurrency", "request_timeout",
+                 "max_requests", "max_requests_jitter"):
         return int(value) if re.fullmatch(r"[0-9]{1,8}", value) else value
+    if field == "memory_max":  # bytes in the saved spec
+        match = re.fullmatch(r"([0-9]{1,16})([KMGT]?)", value)
+        return int(match.group(1)) << (10 * " KMGT".index(match.group(2) or " ")) if match else value
     if field == "env":
         return [list(item.partition("=")[::2]) for item in value]
     return value
@@ -262,6 +275,9 @@ SINK = {
     "--threads": "1024",
     "--max-concurrency": "1000000",
     "--request-timeout": "0",
+    "--max-requests": "1000000000",
+    "--max-requests-jitter": "1000000000",
+    "--memory-max": "1024T",
     "--on-failure": "alert@%n.service",
     "--writable": ["/srv/50% off/$x \"q\" 'q'", "/var/lib/a b#c;d"],
     "--hardening": "relaxed",

@@ -213,6 +213,26 @@ def test_a_keepalive_client_answered_during_the_drain_is_told_to_close(start):
     assert worker.exit()[0] == 0
 
 
+def test_websocket_clients_get_a_close_frame_1012_when_the_drain_begins(start):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    worker = start("lifecycle:app", "--drain-timeout", "20")
+    worker.ready()
+    host, port = worker.address
+    with connect(f"ws://{host}:{port}/ws", open_timeout=10) as ws:
+        assert int(ws.recv(timeout=10)) == worker.proc.pid
+        stopped = worker.stop()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    code, exited = worker.exit()
+    # Not the drain timeout (20 s): the WebSocket ended the moment its client answered.
+    assert code == 0 and exited - stopped < QUIET + 3
+    assert "asked 1 WebSocket clients to reconnect" in worker.log()
+
+
 def test_a_request_in_flight_at_sigterm_completes(start):
     worker = start("lifecycle:app")
     worker.ready()

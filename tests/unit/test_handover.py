@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def instance(tmp_path):
     """instance(app, env) -> (the worker's Popen, Notifications, port, runtime directory)."""
     started = []
 
-    def _start(app: str, env: dict[str, str] | None = None):
+    def _start(app: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
         notes = Notifications(tmp_path / "notify")
         runtime = tmp_path / "run"
         runtime.mkdir()
@@ -55,7 +56,7 @@ def instance(tmp_path):
                      "WATCHDOG_USEC": "2000000", "PYTHONPATH": str(APPS), **(env or {})}
         cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
                *[arg for name, value in variables.items() for arg in ("-E", f"{name}={value}")],
-               sys.executable, "-m", "unitgen_worker", "--app", app, "--instance", "0"]
+               sys.executable, "-m", "unitgen_worker", "--app", app, "--instance", "0", *args]
         proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
         assert "Listening on" in proc.stderr.readline()
         ask(HTTPConnection("127.0.0.1", port, timeout=15), "/")  # systemd-socket-activate starts it now
@@ -79,6 +80,23 @@ def with_suppressed_kill(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+def log_so_far(proc: subprocess.Popen[str]) -> str:
+    """What the worker wrote to stderr so far. Not read to the end: the new process holds
+    the same pipe open while it serves."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def waiter(runtime: Path, pid: int) -> subprocess.CompletedProcess[str]:
@@ -138,3 +156,60 @@ def test_a_release_that_cannot_start_leaves_the_old_process_serving(instance, tm
     assert proc.poll() is None
     recorded = json.loads((runtime / "0.handover.json").read_text())
     assert recorded["ok"] is False and recorded["new"] == proc.pid
+
+
+def test_max_requests_swaps_the_process_in_place_and_fails_no_request(instance):
+    proc, notes, port, runtime = instance("lifecycle:app", args=("--max-requests", "200",
+                                                                 "--max-requests-jitter", "20"))
+    replies, errors, done = [], [], threading.Event()
+    clients = [threading.Thread(target=keep_asking, args=(HTTPConnection("127.0.0.1", port, timeout=15), replies,
+                                                          errors, done)) for _ in range(4)]
+    for client in clients:
+        client.start()
+    sender, lines = first(notes, "MAINPID=")
+    new = int(lines[0].removeprefix("MAINPID="))
+    assert sender == proc.pid and new != proc.pid
+    assert proc.wait(15) == 0
+    done.set()
+    for client in clients:
+        client.join(15)
+    assert errors == []
+    # The limit starts the swap; the old process serves on until the new one is ready.
+    assert sum(reply.pid == proc.pid for reply in replies) >= 200
+    assert any(reply.pid == new for reply in replies)
+    limit = int(re.search(rf"recycling instance 0, pid {proc.pid}: served \d+ requests \(limit (\d+)\)",
+                          log_so_far(proc)).group(1))
+    assert 200 <= limit <= 220
+
+
+def test_a_process_over_its_memory_limit_swaps_itself(instance):
+    # MemoryMax=150M: the fresh worker and a new one (about 2 x 30 MiB here) fit in 80% of
+    # it, not once this one has leaked 60 MiB more.
+    proc, notes, port, runtime = instance("lifecycle:app", args=("--memory-max", str(150 << 20)))
+    client = HTTPConnection("127.0.0.1", port, timeout=15)
+    for _ in range(30):  # up to 150 MiB more, in 5 MiB steps
+        reply = ask(client, "/leak?kb=5120")
+        assert reply.status == 200
+        if reply.pid != proc.pid:
+            break
+    sender, lines = first(notes, "MAINPID=")
+    assert sender == proc.pid
+    assert proc.wait(15) == 0
+    log = log_so_far(proc)
+    assert f"recycling instance 0, pid {proc.pid}: resident memory" in log, log
+    assert ask(HTTPConnection("127.0.0.1", port, timeout=15), "/").pid == int(lines[0].removeprefix("MAINPID="))
+
+
+def test_a_reload_asked_of_the_old_process_after_its_handover_is_answered_as_done(instance):
+    # systemd may start a waiter with the old $MAINPID just before it takes MAINPID=.
+    proc, notes, port, runtime = instance("lifecycle:app")
+    slow = threading.Thread(target=ask, args=(HTTPConnection("127.0.0.1", port, timeout=15), "/sleep?s=3"))
+    slow.start()  # keeps the old process draining for a while
+    time.sleep(0.3)
+    assert waiter(runtime, proc.pid).returncode == 0
+    new = int(first(notes, "MAINPID=")[1][0].removeprefix("MAINPID="))
+    again = waiter(runtime, proc.pid)
+    assert proc.poll() is None, "the old process was not draining any more: nothing tested"
+    assert again.returncode == 0 and f"pid {new} serves now" in again.stdout, again.stderr
+    slow.join(15)
+    assert proc.wait(15) == 0

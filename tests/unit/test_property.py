@@ -115,7 +115,9 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
           WorkerConfig(app=spec.app, interface=spec.interface, instance=INSTANCE,
                        drain_timeout=float(spec.drain_timeout), threads=spec.threads,
                        max_concurrency=spec.max_concurrency, request_timeout=float(spec.request_timeout),
-                       rebalance=spec.rebalance))),
+                       rebalance=spec.rebalance, max_requests=spec.max_requests,
+                       max_requests_jitter=spec.max_requests_jitter,
+                       memory_max=spec.memory_max))),
         ("Service", "ExecReload", reload_command,
          ("", spec.python, ["-I", "-m", "unitgen_worker.handover", me, "$MAINPID"])),
         ("Service", "ExecStopPost", command,
@@ -128,6 +130,7 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
         ("Service", "Restart", raw, "always"),
         ("Service", "RestartSec", raw, "100ms"),
         ("Service", "RestartPreventExitStatus", raw, "78"),
+        *([("Service", "MemoryMax", raw, str(spec.memory_max))] if spec.memory_max else []),
         *([("Service", "WatchdogSec", raw, str(spec.watchdog))] if spec.watchdog else []),
         ("Service", "TimeoutStartSec", raw, "122"),
         ("Service", "TimeoutStopSec", raw, str(spec.drain_timeout + 15)),
@@ -414,6 +417,9 @@ def check_fidelity(values: dict, spec: AppSpec) -> None:
     assert spec.threads == int(v.get("--threads", "10"))
     assert spec.max_concurrency == int(v.get("--max-concurrency", "0"))
     assert spec.request_timeout == int(v.get("--request-timeout", "30"))
+    assert spec.max_requests == int(v.get("--max-requests", "0"))
+    assert spec.max_requests_jitter == int(v.get("--max-requests-jitter", "0"))
+    assert spec.memory_max == _bytes(v.get("--memory-max", "0"))
     assert spec.on_failure == v.get("--on-failure")
     assert spec.writable == tuple(v.get("--writable", []))
     assert spec.hardening == v.get("--hardening", "strict")
@@ -421,6 +427,11 @@ def check_fidelity(values: dict, spec: AppSpec) -> None:
     assert [_network(c) for c in spec.deny] == [_network(c) for c in v.get("--deny", [])]
     assert spec.helper_python == v.get("--helper-python", sys.executable)
     assert spec.helper_script == v.get("--helper-script", DEFAULT_HELPER_SCRIPT)
+
+
+def _bytes(size: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(size.rstrip("KMGT")) * units[size[-1] if size[-1] in units else ""]
 
 
 def _address(text: str):

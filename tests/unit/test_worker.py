@@ -168,3 +168,26 @@ def test_interface_detection():
 
     assert [detect_interface(a) for a in (asgi, functools.partial(asgi), AsgiApp(), AsgiApp)] == ["asgi"] * 4
     assert [detect_interface(a) for a in (wsgi, functools.partial(wsgi), WsgiApp())] == ["wsgi"] * 3
+
+
+def test_recycle_is_due_at_the_request_limit_plus_jitter_or_over_the_memory_limit():
+    import random
+
+    from unitgen_worker.recycle import Recycle, resident_bytes
+
+    limits = {Recycle(5000, 500, rng=random.Random(seed)).request_limit for seed in range(200)}
+    assert min(limits) >= 5000 and max(limits) <= 5500 and len(limits) > 100
+    recycle = Recycle(100, 0)
+    assert recycle.due(99, 0.0) is None and recycle.due(100, 0.0) == "served 100 requests (limit 100)"
+    recycle.failed(100, 0.0)  # the swap failed: the next try after as many requests again
+    assert recycle.due(199, 0.0) is None and recycle.due(200, 0.0) is not None
+    # MemoryMax=1000M: a process whose fresh self took 200M recycles past 600M (800M, 80%, for both).
+    memory = Recycle(memory_max=1000 << 20)
+    memory.ready(resident=200 << 20)
+    assert memory.due(0, 0.0, resident=600 << 20) is None
+    assert memory.due(0, 0.0, resident=601 << 20) == ("resident memory 601 MiB, and 200 MiB for a new process, "
+                                                      "over 80% of MemoryMax=1000M")
+    memory.failed(0, 10.0)
+    assert memory.due(0, 39.0, resident=900 << 20) is None and memory.due(0, 40.0, resident=900 << 20)
+    assert not Recycle().wanted and Recycle(memory_max=1).wanted
+    assert 5 << 20 < resident_bytes() < 2 << 30  # this interpreter's own, from /proc

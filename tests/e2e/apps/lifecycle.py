@@ -4,6 +4,8 @@
 /sleep?s=N   answers after N seconds (the loop keeps running)
 /block?s=N   blocks the event loop for N seconds (the watchdog's case)
 /forever     a response that streams a line every 0.2 s and never ends
+/leak?kb=N   keeps N KiB more for good (a leak); answers with the process's resident bytes
+/ws          a WebSocket: sends the pid, then echoes until the client or server closes
 Flag files in /run/unitgen-test make instance UNITGEN_INSTANCE fail on purpose:
 import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises);
 fail-startup-all makes every instance fail at startup (a broken release);
@@ -24,6 +26,26 @@ if os.path.exists(f"{FLAGS}/import-error-{INSTANCE}"):
     import a_module_that_is_not_installed  # noqa: F401
 
 
+LEAKED = []
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def websocket(receive, send):
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": str(os.getpid())})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": message.get("text") or ""})
+
+
 def block(seconds):
     time.sleep(seconds)  # on the event loop thread, on purpose
 
@@ -42,6 +64,17 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await websocket(receive, send)
+        return
+    if scope["path"] == "/leak":
+        kib = int(parse_qs(scope["query_string"].decode()).get("kb", ["0"])[0])
+        LEAKED.append(os.urandom(kib * 1024))  # random: no page is shared or left untouched
+        body = f"pid {os.getpid()} resident {resident_bytes()}\n".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/plain"), (b"x-worker-pid", str(os.getpid()).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
     if scope["path"] == "/forever":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         while True:
