@@ -100,7 +100,8 @@ def test_an_instance_over_its_memory_limit_recycles_before_memory_max(box, deplo
     fresh = [int(m) << 20 for m in re.findall(r"and (\d+) MiB for a new process", "\n".join(recycles))]
     kernel = box.run("journalctl", "-k", "-g", "oom|Killed process", "--no-pager", check=False).stdout
     print(f"{box.suite}: {len(recycles)} memory recycles, {result.requests} requests, {result.failed} failed; "
-          f"peak resident by pid (MiB): {sorted(v >> 20 for v in peak.values())}; fresh {sorted(v >> 20 for v in fresh)}")
+          f"peak resident by pid (MiB): {sorted(v >> 20 for v in peak.values())}; "
+          f"fresh {sorted(v >> 20 for v in fresh)}")
     assert len(recycles) >= 2 and len(peak) >= 3, recycles
     # The largest old process and a new one together stayed under MemoryMax=. The app
     # reports its resident memory after each leak: the test sees every step of growth.
