@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from unitgen import __version__, run
+from unitgen import __version__, config, run
 from unitgen.check import check_app
 from unitgen.cores import usable_cpus
 from unitgen.errors import Die, die
@@ -118,11 +118,32 @@ def spec_from_file(source: str) -> AppSpec:
     return AppSpec.from_json(text, source)
 
 
+def with_config_file(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """render's options from the app's unitgen.toml or pyproject.toml [tool.unitgen]
+    (in --workdir, else here) wherever the command line does not give them."""
+    if args.spec is not None:  # a saved spec stands for every option
+        return args
+    found = config.find(Path(parse_path("--workdir", args.workdir) if args.workdir is not None else os.getcwd()))
+    if found is None:
+        return args
+    # The file's values as render's defaults: argparse lets the command line override them.
+    merged = build_parser(render_defaults={**found.options, "config": found}).parse_args(argv)
+    for dest, value in found.options.items():
+        if isinstance(value, list) and getattr(args, dest):
+            setattr(merged, dest, getattr(args, dest))  # a repeatable option replaces the file's list
+    return merged
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     if (args.spec is None) == (args.app is None):
         die("render needs either --app (with its options) or --spec FILE",
-            hint="`unitgen render --app myapp:app ...`, or `unitgen show NAME | unitgen render --spec -`")
-    spec = spec_from_file(args.spec) if args.spec is not None else spec_from_args(args)
+            hint="`unitgen render --app myapp:app ...` (or app = \"myapp:app\" in unitgen.toml or pyproject.toml "
+                 "[tool.unitgen]), or `unitgen show NAME | unitgen render --spec -`")
+    if args.spec is not None:
+        spec = spec_from_file(args.spec)
+    else:
+        with config.naming_the_file(args.config, args):
+            spec = spec_from_args(args)
     if args.check:
         check_app(spec)
     files = render_files(spec)
@@ -177,7 +198,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return logs(args.name, follow=args.follow, lines=args.lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, render_defaults: dict[str, object] | None = None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="log every command run and show tracebacks")
     parser = _Parser(prog="unitgen", parents=[common],
@@ -240,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", help="write the unit files into this directory instead of a bundle on stdout")
     render.add_argument("--no-check", dest="check", action="store_false",
                         help="do not import the app with --python in --workdir to check it")
-    render.set_defaults(func=cmd_render)
+    render.set_defaults(func=cmd_render, **{"config": None, **(render_defaults or {})})
 
     inst = sub.add_parser("install", parents=[common], help="install, enable and start rendered units")
     inst.add_argument("source", nargs="?", default="-", help="bundle file, --out directory, or - (default)")
@@ -303,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     run.DEBUG = debug
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "render":
+            args = with_config_file(args, argv)
         return args.func(args)
     except Die as err:
         if debug:
