@@ -13,6 +13,7 @@ from pathlib import Path
 from unitgen import __version__, config, run
 from unitgen.check import check_app
 from unitgen.cores import usable_cpus
+from unitgen.dev import DevConfig, serve
 from unitgen.errors import Die, die
 from unitgen.install import install, uninstall, write_files
 from unitgen.ops import logs, roll, scale
@@ -154,6 +155,27 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    workdir = parse_path("--workdir", args.workdir if args.workdir is not None else os.getcwd())
+    if not os.path.isdir(workdir):
+        die(f"--workdir {workdir} is not a directory", hint="give the directory the app is imported from")
+    # Without --app, the app (and its interface) from the file render reads; its other
+    # keys describe the servers (their addresses, users, limits), not this machine.
+    found = config.find(Path(workdir)) if args.app is None else None
+    if found is not None:
+        args.app = found.options.get("app")
+        if args.interface is None:
+            args.interface = found.options.get("interface")
+    if args.app is None:
+        die("dev needs --app MODULE:ATTR", hint="for example `unitgen dev --app myapp:app` in the app's directory")
+    with config.naming_the_file(found, args):
+        dev_config = DevConfig(app=parse_app(args.app), listen=parse_listens(tuple(args.listen or [DEFAULT_LISTEN])),
+                               workdir=workdir, interface=parse_interface(args.interface or "auto"),
+                               python=parse_executable("--python", args.python or sys.executable),
+                               reload=args.reload)
+    return serve(dev_config)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     sys.stdout.write(App(args.name).spec.to_json())
     return 0
@@ -262,6 +284,20 @@ def build_parser(*, render_defaults: dict[str, object] | None = None) -> argpars
     render.add_argument("--no-check", dest="check", action="store_false",
                         help="do not import the app with --python in --workdir to check it")
     render.set_defaults(func=cmd_render, **{"config": None, **(render_defaults or {})})
+
+    devp = sub.add_parser("dev", parents=[common],
+                          help="serve the app in the foreground with the same worker, reloading on code changes "
+                               "(no root, no systemd)")
+    devp.add_argument("--app", help="MODULE:ATTR of the WSGI or ASGI app (default: app in unitgen.toml or "
+                                    "pyproject.toml [tool.unitgen])")
+    devp.add_argument("--listen", action="append", metavar="ADDR",
+                      help=f"[HOST:]PORT, [IPV6]:PORT or /path.sock; repeatable (default {DEFAULT_LISTEN})")
+    devp.add_argument("--workdir", help="directory the app is imported from and watched (default: the current one)")
+    devp.add_argument("--python", help="interpreter that runs the app, e.g. a virtualenv's (default: this one)")
+    devp.add_argument("--interface", choices=INTERFACES, help="app interface (default: detect)")
+    devp.add_argument("--no-reload", dest="reload", action="store_false",
+                      help="do not start a new worker when a .py file under --workdir changes")
+    devp.set_defaults(func=cmd_dev)
 
     inst = sub.add_parser("install", parents=[common], help="install, enable and start rendered units")
     inst.add_argument("source", nargs="?", default="-", help="bundle file, --out directory, or - (default)")
