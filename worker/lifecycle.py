@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unitgen_worker.contract import FORCE_AFTER, QUIET, STATUS_EVERY, Counters
-from unitgen_worker.hung import Running, WatchThreads
+from unitgen_worker.contract import DRAIN_SPREAD, FORCE_AFTER, QUIET, STATUS_EVERY, Counters
+from unitgen_worker.hung import AsgiRequest, WatchThreads
 from unitgen_worker.sd import notify
 
 if TYPE_CHECKING:
@@ -36,8 +37,10 @@ class RunState:
     in_flight: int = 0
     last_activity: float = field(default_factory=time.monotonic)
     draining: bool = False
+    drain_began: float = 0.0  # CLOCK_MONOTONIC
     recycling: bool = False  # every thread stuck: drain what is not, then exit EXIT_RECYCLE
-    running: dict[int, Running] = field(default_factory=dict)  # requests in flight
+    running: dict[int, AsgiRequest] = field(default_factory=dict)  # ASGI requests in flight, by number
+    started_requests: int = 0  # numbers them: a key is never reused, as an id() could be
     balancer: Balancer | None = None  # from startup on
     threads: WatchThreads | None = None  # WSGI apps
 
@@ -51,6 +54,22 @@ class RunState:
         """STATUS= for people; tools read the counters file (contract.Counters)."""
         return self.counters().status_text(self.started.strftime("%Y-%m-%d %H:%M:%S UTC"))
 
+    def begin_drain(self) -> None:
+        self.draining = True
+        # Requests end without a look at the clock until now (TrackRequests): the drain
+        # waits QUIET from here at least, for a keep-alive client's next request.
+        self.drain_began = self.last_activity = time.monotonic()
+
+    def tells_to_close(self, client: Any) -> bool:
+        """Whether a response to this client (ASGI scope["client"]) now says
+        `Connection: close`: while draining, from a moment of its own within DRAIN_SPREAD
+        of the drain's start, so that the clients of a drained process do not all come
+        back to the siblings (or its new process, cold) in the same millisecond."""
+        if not self.draining:
+            return False
+        port = client[1] if isinstance(client, (list, tuple)) and len(client) == 2 and isinstance(client[1], int) else 0
+        return time.monotonic() - self.drain_began >= DRAIN_SPREAD * (port * 2654435761 % 1000) / 1000
+
     def in_flight_now(self) -> int:
         return self.in_flight
 
@@ -63,9 +82,23 @@ class TrackRequests:
     """ASGI middleware: counts requests, tells the balancer, and adds `Connection: close`
     while draining or when the balancer moves this client to a sibling."""
 
-    def __init__(self, app: Any, state: RunState) -> None:
+    def __init__(self, app: Any, state: RunState, watch: bool = True) -> None:
         self.app = app
         self.state = state
+        self.watch = watch  # keep ASGI requests for the --request-timeout watcher
+
+    def _closing(self, scope: dict, send: Any) -> Callable[[dict], Awaitable[None]]:
+        state, balancer = self.state, self.state.balancer
+
+        # Not a coroutine: it returns uvicorn's send() awaitable itself.
+        def send_closing(message: dict) -> Awaitable[None]:
+            if message["type"] == "http.response.start" and (
+                    state.tells_to_close(scope.get("client"))
+                    or (balancer is not None and balancer.connections_to_close())):
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            return send(message)
+        return send_closing
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -73,31 +106,34 @@ class TrackRequests:
             return
         state = self.state
         balancer = state.balancer
-
-        async def send_closing_when_draining(message: dict) -> None:
-            if message["type"] == "http.response.start" and (
-                    state.draining or (balancer is not None and balancer.connections_to_close())):
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
+        # uvicorn's send() itself, unless this response may have to say `Connection:
+        # close` (draining, or this instance holds more than its share of connections):
+        # a wrapper around every message cost 5% of a hello-world app's throughput. A
+        # drain that begins during a request tells the client at its next request,
+        # which comes well within the drain's QUIET wait.
+        if state.draining or (balancer is not None and balancer.may_close()):
+            send = self._closing(scope, send)
 
         # An ASGI app's requests are watched for --request-timeout here; a WSGI app's by
         # the thread that runs each (hung.WatchThreads).
-        watched = state.threads is None
+        # Skipped when --request-timeout is 0, as is all that is not needed: this runs
+        # for every request (bench/ holds one instance to within a few % of bare uvicorn).
+        watched = state.threads is None and self.watch
+        now = time.monotonic()
         if watched:
-            key = id(scope)
-            state.running[key] = Running(scope.get("method", "WEBSOCKET"), scope.get("path"),
-                                         task=asyncio.current_task())
+            key = state.started_requests = state.started_requests + 1
+            state.running[key] = (now, asyncio.current_task(), scope)
         state.in_flight += 1
-        state.last_activity = time.monotonic()
+        state.last_activity = now
         if balancer is not None:
             balancer.request_started()
         try:
-            await self.app(scope, receive, send_closing_when_draining)
+            await self.app(scope, receive, send)
         finally:
             state.in_flight -= 1
             state.served += 1
-            state.last_activity = time.monotonic()
+            if state.draining:
+                state.last_activity = time.monotonic()
             if watched:
                 del state.running[key]
             if balancer is not None:

@@ -223,7 +223,7 @@ class WorkerServer(uvicorn.Server):
             await super().shutdown(sockets=sockets)
             return
         state = self.state
-        state.draining = True  # before STOPPING=1, whose STATUS= says "draining"
+        state.begin_drain()  # before STOPPING=1, whose STATUS= says "draining"
         if self.swapper is not None and not self.handed_over:
             self.swapper.cancel()  # a swap under way: its new process is stopped
             with contextlib.suppress(asyncio.CancelledError):
@@ -321,7 +321,7 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
           runtime: Path | None = None, recycle: Recycle | None = None) -> int:
     """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
     config = uvicorn.Config(
-        TrackRequests(app, state),
+        TrackRequests(app, state, watch=bool(hung.timeout)),
         lifespan=lifespan,
         log_config=None,  # journald already stamps and tags every line
         access_log=False,

@@ -148,7 +148,8 @@ def test_threads_stuck_past_the_timeout_are_logged_with_their_stack_and_recycle(
 
 def test_a_request_timeout_of_zero_never_reports():
     watch = WatchThreads(lambda environ, start_response: [], threads=1)
-    watch.running[1] = Running("GET", "/", started=0.0)  # running since boot
+    running = watch.running[1] = Running("GET", "/")
+    running.started = running.since = 0.0  # running since boot
     assert HungRequests(0, {}, watch).stuck() == 0 and not HungRequests(0, {}, watch).check()
 
 
