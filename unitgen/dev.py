@@ -201,12 +201,27 @@ async def start_worker(config: DevConfig, sockets: list[socket.socket], scratch:
 
 
 # --- watching the code ----------------------------------------------------------------
+def skipped(directory: str, name: str) -> bool:
+    """Whether subdirectory name of directory holds no code of the app's own."""
+    return (name.startswith(".") or name in SKIPPED_DIRS
+            or os.path.exists(os.path.join(directory, name, "pyvenv.cfg")))  # a virtualenv of any name
+
+
+def watched(root: str, path: str) -> bool:
+    """Whether a change to path, under root, is a change to the app's code."""
+    directory = root
+    for name in os.path.relpath(path, root).split(os.sep)[:-1]:
+        if skipped(directory, name):
+            return False
+        directory = os.path.join(directory, name)
+    return path.endswith(".py")
+
+
 def python_files(root: str) -> dict[str, tuple[int, int]]:
     """Every .py file under root that the app could import: path -> (mtime_ns, size)."""
     seen = {}
     for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in SKIPPED_DIRS
-                      and not os.path.exists(os.path.join(directory, d, "pyvenv.cfg"))]
+        subdirs[:] = [name for name in subdirs if not skipped(directory, name)]
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(directory, name)
@@ -241,7 +256,7 @@ async def code_changes(root: str) -> AsyncIterator[set[str]]:
             yield found
         return
     try:
-        async for batch in watchfiles.awatch(root, watch_filter=watchfiles.PythonFilter()):
+        async for batch in watchfiles.awatch(root, watch_filter=lambda change, path: watched(root, path)):
             yield {path for _, path in batch}
     except OSError as err:  # no inotify watch left, a directory it may not read: poll instead
         say(f"watchfiles cannot watch {root} ({err}): looking at mtimes every {POLL_EVERY:g} s instead")
