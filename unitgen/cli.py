@@ -167,7 +167,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if args.interface is None:
             args.interface = found.options.get("interface")
     if args.app is None:
-        die("dev needs --app MODULE:ATTR", hint="for example `unitgen dev --app myapp:app` in the app's directory")
+        die("dev needs --app MODULE:ATTR", hint="for example `unitgen dev --app myapp:app` in the app's directory, "
+                                                 "or app = \"myapp:app\" in its unitgen.toml or pyproject.toml "
+                                                 "[tool.unitgen]")
     with config.naming_the_file(found, args):
         dev_config = DevConfig(app=parse_app(args.app), listen=parse_listens(tuple(args.listen or [DEFAULT_LISTEN])),
                                workdir=workdir, interface=parse_interface(args.interface or "auto"),

@@ -45,7 +45,7 @@ SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"
 # the listening sockets moved to fds 3 onwards, LISTEN_FDS and LISTEN_PID (this very
 # process, which the exec keeps), and SIGTERM should the dev server die. argv: the
 # sockets' fds, the dev server's pid, then the worker's command line.
-_AS_SYSTEMD_DOES = """\
+_SOCKET_ACTIVATED_EXEC = """\
 import ctypes, fcntl, os, signal, sys
 fds = [int(fd) for fd in sys.argv[1].split(",")]
 ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -190,8 +190,8 @@ async def start_worker(config: DevConfig, sockets: list[socket.socket], scratch:
                                                       drain_timeout=float(config.drain_timeout)))
     try:
         process = await asyncio.create_subprocess_exec(
-            config.python, "-I", "-S", "-c", _AS_SYSTEMD_DOES, ",".join(map(str, fds)), str(os.getpid()), *command,
-            pass_fds=fds, env=env, cwd=config.workdir, stdin=asyncio.subprocess.DEVNULL, process_group=0)
+            config.python, "-I", "-S", "-c", _SOCKET_ACTIVATED_EXEC, ",".join(map(str, fds)), str(os.getpid()),
+            *command, pass_fds=fds, env=env, cwd=config.workdir, stdin=asyncio.subprocess.DEVNULL, process_group=0)
     except OSError as err:
         notify.close()
         notify_path.unlink()
