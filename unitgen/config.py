@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,23 +132,58 @@ def find(directory: Path) -> ConfigFile | None:
     return _options(directory / PYPROJECT_TOML, "[tool.unitgen] ", in_project)
 
 
+MAX_CONFIG = 1 << 20  # bytes: a config file is a few lines
+
+
 def _read(path: Path) -> dict[str, Any] | None:
-    """The TOML document at path, or None when there is no such file."""
+    """The TOML document at path, or None when there is no such file.
+
+    The file says which interpreter runs, as which user, which unit root starts on a
+    failure: it is trusted as the command line is, so only when nobody but the user
+    running unitgen (or root) can write it or any directory above it, as ssh's
+    StrictModes asks of authorized_keys. `sudo unitgen render` in a directory the app's
+    user owns must not run that user's choice of interpreter as root. Never through a
+    link, never blocking on a FIFO, at most MAX_CONFIG bytes.
+    """
     hint = "fix the file (TOML 1.0), or remove it"
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
         if err.errno == errno.ENAMETOOLONG:  # no file can have that name
             return None
+        if err.errno == errno.ELOOP:
+            die(f"{shown(path)} is a symbolic link", hint="put the options in a regular file there")
         die(f"cannot read {shown(path)}: {err.strerror}", hint="make it readable by this user, or remove it")
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            die(f"{shown(path)} is not a regular file", hint="remove it, or make it a file of options")
+        _check_owner(path, info)
+        data = f.read(MAX_CONFIG + 1)
+    if len(data) > MAX_CONFIG:
+        die(f"{shown(path)} is over {MAX_CONFIG >> 20} MiB", hint="a config file holds a few options")
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         die(f"{shown(path)} is not valid TOML: it is not UTF-8", hint=hint)
     except tomllib.TOMLDecodeError as err:
         die(f"{shown(path)} is not valid TOML: {err}", hint=hint)
+
+
+def _check_owner(path: Path, info: os.stat_result) -> None:
+    me = os.geteuid()
+    hint = ("give the file and its directories to this user or root (chown) and take write access from "
+            "others (chmod go-w), or pass the options as flags")
+    if info.st_uid not in (me, 0) or info.st_mode & 0o022:
+        die(f"{shown(path)} can be written by someone other than this user or root", hint=hint)
+    directory = path.resolve().parent
+    for folder in (directory, *directory.parents):
+        folder_info = os.stat(folder)
+        sticky = folder_info.st_mode & stat.S_ISVTX
+        if folder_info.st_uid not in (me, 0) or (folder_info.st_mode & 0o022 and not sticky):
+            die(f"{shown(path)} is in {folder}, which someone other than this user or root can change", hint=hint)
 
 
 def _options(path: Path, table: str, values: dict[str, Any]) -> ConfigFile:

@@ -28,6 +28,7 @@ import errno
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -95,16 +96,21 @@ def bind(address: str) -> socket.socket:
     return sock
 
 
+BOUND: dict[str, int] = {}  # unix socket path -> the inode this process bound there
+
+
 def _bind(address: str) -> socket.socket:
     if address.startswith("/"):
-        with contextlib.suppress(FileNotFoundError):
-            if Path(address).is_socket():  # left by a dev server that was killed
-                os.unlink(address)
+        if Path(address).is_socket() and _stale(address):  # left by a dev server that was killed
+            os.unlink(address)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: object = address
     else:
         host, _, port = address.rpartition(":")
-        if host.startswith("[") or not host:
+        # A bare port is this machine only, as for uvicorn --port: a dev server is no
+        # service for the network (the rendered units bind every address for it).
+        host = host or "127.0.0.1"
+        if host.startswith("["):
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             host = host.strip("[]") or "::"
             if host == "::":  # a bare port is every address, IPv4 too, as ListenStream=PORT
@@ -118,18 +124,30 @@ def _bind(address: str) -> socket.socket:
         sock.listen(socket.SOMAXCONN)
     except OSError:
         sock.close()
-        if not address.startswith("/") and not address.rpartition(":")[0] and _no_ipv6():
-            return _bind(f"0.0.0.0:{address}")
         raise
+    if address.startswith("/"):
+        BOUND[address] = os.stat(address).st_ino
     return sock
 
 
-def _no_ipv6() -> bool:
-    try:
-        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
-    except OSError:
-        return True
+def _stale(path: str) -> bool:
+    """Whether nothing listens on the unix socket at path any more."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
     return False
+
+
+def unbind(address: str) -> None:
+    """Removes the unix socket this process bound at address, and nothing else there."""
+    with contextlib.suppress(OSError):
+        info = os.lstat(address)
+        if stat.S_ISSOCK(info.st_mode) and info.st_ino == BOUND.get(address):
+            os.unlink(address)
 
 
 def url(address: str) -> str:
@@ -315,8 +333,7 @@ class DevServer:
                 sock.close()
             for address in self.config.listen:
                 if address.startswith("/"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(address)
+                    unbind(address)
             with contextlib.suppress(OSError):
                 self.scratch.rmdir()
         say("stopped")

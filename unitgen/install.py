@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -102,6 +103,9 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
         die("--user root: the instances would run as root", hint="give the app a user of its own, or no --user "
             "for a dynamic one; binding a port below 1024 needs no root (systemd binds the socket)")
     for address in spec.listen:
+        if address.startswith("/") and os.path.lexists(address) and not stat.S_ISSOCK(os.lstat(address).st_mode):
+            die(f"--listen {address}: a file that is not a socket is there, and systemd would remove it",
+                hint="give a socket path where nothing else lives, such as /run/NAME/http.sock")
         # systemd (root) creates, unlinks and re-creates a unix socket's path.
         if address.startswith("/") and (problem := writable_by_others(os.path.dirname(address))):
             die(f"--listen {address}: {problem}", hint="put the socket in a directory only root can write, "

@@ -20,7 +20,7 @@ from unitgen_worker.contract import (
     counters_file,
     runtime_directory_of_this_process,
 )
-from unitgen_worker.handover import adopt_sockets
+from unitgen_worker.handover import adopt_sockets, note_early_sighup
 from unitgen_worker.hung import HungRequests, WatchThreads
 from unitgen_worker.loader import ConfigError, as_asgi, detect_interface, import_app
 from unitgen_worker.sd import NoSocketError
@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     # systemd's watchdog kills with SIGABRT: faulthandler prints every thread's stack
     # to stderr (the journal) first, which shows where the event loop was stuck.
     faulthandler.enable(all_threads=True)
-    # SIGHUP asks for a reload (handover.py) once the instance serves; systemd sends none
-    # before, and one sent by hand must not kill a starting instance. A handler, not
-    # SIG_IGN: that would be inherited by every program the app runs.
-    signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    # SIGHUP asks for a reload (handover.py) once the instance serves. One that comes
+    # earlier must not kill a starting instance, and is noted: a process started by a
+    # reload can get the next reload's SIGHUP between READY=1 and its loop's handler
+    # (systemd runs a queued reload job at once). A handler, not SIG_IGN: that would
+    # be inherited by every program the app runs.
+    signal.signal(signal.SIGHUP, note_early_sighup)
     try:
         sockets, successor = adopt_sockets()
         app, interface = load(args.app, args.interface)

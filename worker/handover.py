@@ -81,6 +81,14 @@ _INTERMEDIATE = ("import os, subprocess, sys; fds = [int(fd) for fd in sys.argv[
 
 
 # --- the new process --------------------------------------------------------------
+EARLY_SIGHUP: list[float] = []  # a SIGHUP before the serving loop's handler: answered once it runs
+
+
+def note_early_sighup(signum: int, frame: object) -> None:
+    EARLY_SIGHUP.append(time.monotonic())  # only a note: the loop does the work
+
+
+
 class Successor:
     """A process started by a reload: where it reports "ready"."""
 

@@ -74,8 +74,14 @@ class RunState:
         return self.in_flight
 
     def quiet(self) -> bool:
-        """Nothing in flight and nothing has happened for QUIET seconds."""
-        return self.in_flight == 0 and time.monotonic() - self.last_activity >= QUIET
+        """Nothing in flight and nothing has happened for QUIET seconds, counted from the
+        end of DRAIN_SPREAD at the earliest: a keep-alive client is told to close at its
+        moment in the spread, and may send its next request up to QUIET after it. With
+        no connection open, nobody is left to tell."""
+        since = self.last_activity
+        if self.draining and self.balancer is not None and self.balancer.open_connections():
+            since = max(since, self.drain_began + DRAIN_SPREAD)
+        return self.in_flight == 0 and time.monotonic() - since >= QUIET
 
 
 class TrackRequests:

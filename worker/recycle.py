@@ -49,8 +49,15 @@ class Recycle:
         return bool(self.request_limit or self.memory_max)
 
     def ready(self, resident: int | None = None) -> None:
-        """Notes what a fresh process takes: the new one will take about as much."""
+        """Notes what a fresh process takes: the new one will take about as much. Where
+        two fresh processes do not fit in the share of MemoryMax=, a recycle could never
+        help (each new process would recycle at once): memory recycling is off."""
         self.fresh = resident_bytes() if resident is None else resident
+        if self.memory_max and 2 * self.fresh >= self.memory_max * RECYCLE_MEMORY_AT:
+            log.warning("--memory-max %dM is too small to recycle this app (%d MiB at READY, two must fit in "
+                        "%.0f%% of it): not recycling for memory", self.memory_max >> 20, self.fresh >> 20,
+                        RECYCLE_MEMORY_AT * 100)
+            self.memory_max = 0
 
     def due(self, served: int, now: float, resident: int | None = None) -> str | None:
         """Why this process should recycle now, or None."""

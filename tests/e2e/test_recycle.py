@@ -180,3 +180,17 @@ def test_websocket_clients_get_a_close_frame_and_reconnect_across_a_roll_of_4(bo
     assert set(codes) == {1012}, clients.closes
     assert not after & before and clients.errors == []
 
+
+
+def test_a_roll_holds_through_instances_that_recycle_themselves(box, deploy):
+    # An instance that swaps itself (a new MainPID, no restart) during roll's hold is no
+    # failed release; and a reload asked while an instance recycles is answered by that swap.
+    app = deploy("lifecycle:app", "--cores", "2", "--max-requests", "3000")
+    load = Wrk(f"{app.url}/", seconds=20)
+    time.sleep(1)
+    roll = box.run("unitgen", "roll", app.name, check=False, timeout=120)
+    result = load.result()
+    print(f"{box.suite}: roll under recycling: rc {roll.returncode}, {result.requests} requests, "
+          f"{result.failed} failed")
+    assert roll.returncode == 0, roll.stderr
+    assert result.failed == 0, result.output

@@ -2,6 +2,7 @@
 command line: the same units as the flags, the flags win, and a bad file, key or value
 is one line naming the file and the key, with nothing written."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -200,3 +201,35 @@ def test_a_flag_given_on_the_command_line_is_named_as_the_flag(unitgen, app_dir)
     (app_dir / "unitgen.toml").write_text('app = "hello:app"\ncores = 2\n')
     result = unitgen("render", "--cores", "0", cwd=app_dir)
     assert result.stderr.startswith("unitgen: error: --cores 0 is out of range; "), result.stderr
+
+
+@pytest.mark.parametrize("how", ["world-writable file", "file of another user", "directory of another user",
+                                 "symbolic link"])
+def test_a_file_others_can_change_is_refused_and_runs_nothing(unitgen, app_dir, tmp_path, how):
+    # `sudo unitgen render` in a directory the app's user can write: the file would pick
+    # the interpreter the import check runs (as --user, root included).
+    if how.endswith("another user") and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    marker = tmp_path / "ran"
+    evil = app_dir / "evil"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    evil.chmod(0o755)
+    config = app_dir / "unitgen.toml"
+    config.write_text(f'app = "hello:app"\npython = "{evil}"\n')
+    expected = "can be written by someone other than this user or root"
+    if how == "world-writable file":
+        config.chmod(0o666)
+    elif how == "file of another user":
+        os.chown(config, 65534, 65534)
+    elif how == "directory of another user":
+        os.chown(app_dir, 65534, 65534)
+        expected = f"is in {app_dir}, which someone other than this user or root can change"
+    else:
+        config.rename(tmp_path / "elsewhere.toml")
+        config.symlink_to(tmp_path / "elsewhere.toml")
+        expected = "is a symbolic link"
+    result = unitgen("render", "--out", str(tmp_path / "units"), cwd=app_dir)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"unitgen: error: unitgen.toml {expected}"), result.stderr
+    assert not marker.exists() and not (tmp_path / "units").exists()

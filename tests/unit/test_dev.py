@@ -238,6 +238,21 @@ def test_an_address_in_use_is_one_line(unitgen):
     assert "Traceback" not in result.stderr
 
 
+def test_a_unix_path_that_is_a_file_or_a_live_socket_is_left_alone(unitgen, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("precious")
+    result = unitgen("dev", "--app", "lifecycle:app", "--listen", str(data), "--workdir", str(APPS))
+    assert result.returncode == 1 and "Address already in use" in result.stderr
+    assert data.read_text() == "precious"
+    live = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(live))
+        server.listen()
+        result = unitgen("dev", "--app", "lifecycle:app", "--listen", str(live), "--workdir", str(APPS))
+        assert result.returncode == 1 and "Address already in use" in result.stderr
+        assert live.is_socket()  # another server's socket: not unlinked, not taken over
+
+
 def test_the_polling_watcher_sees_python_files_added_changed_and_removed(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "app.py").write_text("a = 1\n")

@@ -191,3 +191,32 @@ def test_recycle_is_due_at_the_request_limit_plus_jitter_or_over_the_memory_limi
     assert memory.due(0, 39.0, resident=900 << 20) is None and memory.due(0, 40.0, resident=900 << 20)
     assert not Recycle().wanted and Recycle(memory_max=1).wanted
     assert 5 << 20 < resident_bytes() < 2 << 30  # this interpreter's own, from /proc
+
+
+def test_a_drain_is_quiet_no_sooner_than_its_spread_and_quiet_after_it():
+    from unitgen_worker.contract import DRAIN_SPREAD, QUIET
+    from unitgen_worker.lifecycle import RunState
+
+    class Open:  # one connection still open
+        def open_connections(self):
+            return 1
+
+    state = RunState(balancer=Open())
+    state.begin_drain()
+    began = state.drain_began
+    state.drain_began = began - DRAIN_SPREAD - QUIET + 0.2  # not yet
+    state.last_activity = state.drain_began
+    assert not state.quiet()
+    state.drain_began = began - DRAIN_SPREAD - QUIET - 0.01
+    state.last_activity = state.drain_began
+    assert state.quiet()
+    state.last_activity = began  # a request just ended
+    assert not state.quiet()
+
+
+def test_memory_recycling_is_off_where_two_fresh_processes_do_not_fit():
+    from unitgen_worker.recycle import Recycle
+
+    small = Recycle(memory_max=64 << 20)
+    small.ready(resident=28 << 20)  # 56 MiB for two, over 80% of 64 MiB: every new one would recycle at once
+    assert small.due(0, 0.0, resident=60 << 20) is None and not small.wanted
