@@ -265,6 +265,9 @@ def write_report(results: Results, out: Path) -> str:
     if results.not_measured:
         lines += ["Not measured:", "", *[f"- {reason}" for reason in results.not_measured], ""]
     lines += throughput_section(results) + [""] + [f"![{name}]({name})" for name in images if "throughput" in name]
+    overhead = Path(__file__).with_name("overhead.md")  # the profile of where unitgen is behind, by hand
+    if overhead.exists() and not results.smoke:
+        lines += ["", overhead.read_text().rstrip()]
     lines += [""] + events_section(results, systems) + [""]
     lines += [f"![{name}]({name})" for name in images if "throughput" not in name]
     lines += [""] + memory_section(results) + [""] + setup_section(results)
