@@ -158,10 +158,6 @@ class Balancer:
         if not self._servers and not self.draining:
             self._want_switch()
 
-    def may_close(self) -> bool:
-        """Whether responses started now may be asked to close (connections_to_close())."""
-        return self.rebalance and len(self.connections) - self._closing > self.keep_limit
-
     def connections_to_close(self) -> bool:
         """True when this response should ask its client to reconnect elsewhere."""
         if not self.rebalance or len(self.connections) - self._closing <= self.keep_limit:

@@ -112,13 +112,11 @@ class TrackRequests:
             return
         state = self.state
         balancer = state.balancer
-        # uvicorn's send() itself, unless this response may have to say `Connection:
-        # close` (draining, or this instance holds more than its share of connections):
-        # a wrapper around every message cost 5% of a hello-world app's throughput. A
-        # drain that begins during a request tells the client at its next request,
-        # which comes well within the drain's QUIET wait.
-        if state.draining or (balancer is not None and balancer.may_close()):
-            send = self._closing(scope, send)
+        # Every response goes through the wrapper, even though it costs a few % of a
+        # hello-world app's throughput (bench/overhead.md): a drain can begin while a
+        # request runs, and its response must then say `Connection: close`, or the
+        # client could send its next request as the connection is closed.
+        send = self._closing(scope, send)
 
         # An ASGI app's requests are watched for --request-timeout here; a WSGI app's by
         # the thread that runs each (hung.WatchThreads).
