@@ -5,11 +5,10 @@ The drain is WorkerServer.shutdown(): one sequence, read top to bottom like uvic
 own Server.shutdown(), which is its last step:
 1. STOPPING=1, and close this process's copy of the listening sockets: systemd and the
    sibling instances keep theirs, so new connections go to them;
-2. answer every request that starts from then on with `Connection: close` (each client
-   from a moment of its own within DRAIN_SPREAD), so each client moves to a sibling
-   after that response instead of finding its connection closed while its next request
-   is on the wire (a request in flight at SIGTERM is answered as it began: its client's
-   next request, at once, is told);
+2. answer every request from then on with `Connection: close` (DRAIN_SPREAD can spread
+   that over a moment per client; 0 by default), so each client moves to a sibling
+   after its next response instead of finding its connection closed while its next
+   request is on the wire;
 3. send every open WebSocket a close frame (1012, wsclose.py), so its client reconnects
    to a sibling now; wait until nothing is in flight and nothing has happened for QUIET
    seconds, at most the drain timeout; at the timeout, close the connections left;

@@ -102,19 +102,21 @@ def test_bootstrap_host_part_and_unit_tests(suite: str, tree: Path, pristine) ->
     started = time.monotonic()
     box = pristine(suite, {str(tree): "/src"})
     # Its own copy on the container's overlay: bootstrap writes .venv into the checkout.
-    box.run("cp", "-a", "/src", "/root/unitgen")
-    first = box.run(*PIP_ENV, "/root/unitgen/tests/bootstrap", "--host-only", timeout=1200)
+    # Under /srv, not /root (0700): tests/unit/test_dev.py runs the checkout's worker as
+    # nobody, and a skip fails this test.
+    box.run("cp", "-a", "/src", "/srv/unitgen")
+    first = box.run(*PIP_ENV, "/srv/unitgen/tests/bootstrap", "--host-only", timeout=1200)
     assert re.search(r"^\+ apt-get install .*python3-venv.*python3-dev.*libsystemd-dev", first.stderr, re.M)
     assert "+ python3 -m venv .venv" in first.stderr
     timed(f"{suite}: bootstrap --host-only", started)
     # Idempotent: the second run finds everything there and says nothing.
-    again = box.run(*PIP_ENV, "/root/unitgen/tests/bootstrap", "--host-only", timeout=120)
+    again = box.run(*PIP_ENV, "/srv/unitgen/tests/bootstrap", "--host-only", timeout=120)
     assert again.stderr == ""
-    backend = box.run("/root/unitgen/.venv/bin/python", "-c", "from unitgen_worker import sd; print(sd.BACKEND)")
+    backend = box.run("/srv/unitgen/.venv/bin/python", "-c", "from unitgen_worker import sd; print(sd.BACKEND)")
     assert backend.stdout.strip() == "libsystemd"  # systemd-python was built and is used
 
     # Every unit test, including both implementations of worker/sd.py.
-    tests = box.sh("cd /root/unitgen && HOME=/root .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit",
+    tests = box.sh("cd /srv/unitgen && HOME=/root .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit",
                    timeout=1200)
     summary = tests.stdout.strip().splitlines()[-1]
     assert re.match(r"=* ?\d+ passed", summary) and "skipped" not in summary, tests.stdout
