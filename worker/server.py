@@ -88,7 +88,7 @@ class WorkerServer(uvicorn.Server):
         self.recycler: asyncio.Task[None] | None = None
         self.swap_asked = asyncio.Event()
         self.asked_at = 0.0  # CLOCK_MONOTONIC of the last SIGHUP
-        self.handed_over = False  # a new process is the instance now: this one only drains
+        self.handed_to: int | None = None  # the new process's pid: it is the instance now, this one only drains
         self.recycle = recycle or Recycle()
         self.recycling_swap = False  # the swap asked for is a recycle, not a reload
         self.swapping = False  # from the swap's start to its outcome
@@ -158,14 +158,13 @@ class WorkerServer(uvicorn.Server):
         self.swap_asked.set()
 
     async def _swap_when_asked(self, swap: Swap) -> None:
-        handed_to = None
         while True:
             await self.swap_asked.wait()
             self.swap_asked.clear()
-            if handed_to is not None:
+            if self.handed_to is not None:
                 # Asked by a waiter that systemd started just before it took MAINPID=:
                 # that reload is done already.
-                swap.answer_done(self.asked_at, handed_to)
+                swap.answer_done(self.asked_at, self.handed_to)
                 continue
             if self.should_exit:
                 swap.refuse(self.asked_at, "this process is stopping")
@@ -178,8 +177,7 @@ class WorkerServer(uvicorn.Server):
                 self.swapping = False
             self.swap_asked.clear()  # a SIGHUP during the swap: its outcome answered it
             if new is not None:
-                handed_to = new
-                self.handed_over = True
+                self.handed_to = new
                 self.should_exit = True  # main_loop() returns, shutdown() drains
                 continue
             if recycling:
@@ -228,11 +226,11 @@ class WorkerServer(uvicorn.Server):
             return
         state = self.state
         state.begin_drain()  # before STOPPING=1, whose STATUS= says "draining"
-        if self.swapper is not None and not self.handed_over:
+        if self.swapper is not None and self.handed_to is None:
             self.swapper.cancel()  # a swap under way: its new process is stopped
             with contextlib.suppress(asyncio.CancelledError):
                 await self.swapper
-        if self.handed_over:
+        if self.handed_to is not None:
             # Not the main process any more: systemd would refuse its notifications,
             # and the board slot and counters file are the new process's now.
             self.pinger.cancel()
