@@ -61,6 +61,7 @@ class WorkerConfig:
     max_requests: int = 0  # recycle (swap in place) after this many requests; 0: never
     max_requests_jitter: int = 0  # plus a random 0..this, drawn by each process
     memory_max: int = 0  # bytes: the unit's MemoryMax=, under which the process recycles itself; 0: none
+    metrics: bool = False  # count responses by status class and time them (Counters.responses, .durations)
 
     def to_argv(self) -> list[str]:
         argv = ["--app", self.app, "--interface", self.interface]
@@ -82,6 +83,8 @@ class WorkerConfig:
                 argv += ["--max-requests-jitter", str(self.max_requests_jitter)]
         if self.memory_max:
             argv += ["--memory-max", str(self.memory_max)]
+        if self.metrics:
+            argv += ["--metrics"]
         return argv
 
     @classmethod
@@ -106,12 +109,15 @@ class WorkerConfig:
                             help="plus a random number of requests up to this, drawn by each process")
         parser.add_argument("--memory-max", type=_count, default=0,
                             help="the unit's MemoryMax= in bytes: swap this process for a fresh one well before it")
+        parser.add_argument("--metrics", action="store_true",
+                            help="count responses by status class and time them, for unitgen's metrics")
         args = parser.parse_args(argv)
         return cls(app=args.app, interface=args.interface, instance=args.instance,
                    drain_timeout=args.drain_timeout, check=args.check, threads=args.threads,
                    max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
                    rebalance=args.rebalance, max_requests=args.max_requests,
-                   max_requests_jitter=args.max_requests_jitter, memory_max=args.memory_max)
+                   max_requests_jitter=args.max_requests_jitter, memory_max=args.memory_max,
+                   metrics=args.metrics)
 
 
 def _count(text: str) -> int:
@@ -203,42 +209,76 @@ def runtime_directory_of_this_process() -> Path | None:
     return Path(value) if value else None
 
 
-# --- what a running instance tells tools (status now; metrics and balance later) ---
+# --- what a running instance tells tools (status, metrics, balance) -------------------
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Upper bounds (seconds) of the request-duration histogram: prometheus_client's defaults,
+# so dashboards made for other Python servers read ours. Counters.durations has one more
+# count: the requests slower than the last bound.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass(frozen=True)
 class Counters:
     """An instance's live counters: a structured channel, not a sentence to parse.
 
     The worker rewrites its file (rename, so a reader never sees half of one) from its
     event loop; readers check pid against systemd's MainPID, as a file left behind by
-    a killed process says nothing about its successor.
+    a killed process says nothing about its successor. Everything counts from the
+    process's start, except swaps and recycles, which a new process takes over from the
+    one it replaced (so they count from systemd's last start of the instance).
     """
 
     pid: int
-    requests: int  # served since the process started
+    requests: int  # served since the process started (HTTP requests and WebSocket sessions)
     in_flight: int
     draining: bool = False
     connections: int = 0  # open, idle keep-alive ones included
     busy: int = 0  # a WSGI app's threads running a request (0 for ASGI)
     threads: int = 0  # a WSGI app's thread pool (0 for ASGI)
+    swaps: int = 0  # in-place swaps (reloads and recycles) since systemd started the instance
+    recycles: int = 0  # of those, the ones the instance asked for itself (--max-requests, --memory-max)
+    # With --metrics only (empty otherwise): HTTP requests ended, by STATUS_CLASSES, and
+    # those that ended with no response started (the app raised, or the client left);
+    # their durations, as counts per DURATION_BUCKETS (not cumulative) and a sum in seconds.
+    responses: tuple[int, ...] = ()
+    unanswered: int = 0
+    durations: tuple[int, ...] = ()
+    duration_sum: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps({"schema": 1, "pid": self.pid, "requests": self.requests,
-                           "in_flight": self.in_flight, "draining": self.draining,
-                           "connections": self.connections, "busy": self.busy, "threads": self.threads})
+        data = {"schema": 1, "pid": self.pid, "requests": self.requests, "in_flight": self.in_flight,
+                "draining": self.draining, "connections": self.connections, "busy": self.busy,
+                "threads": self.threads, "swaps": self.swaps, "recycles": self.recycles}
+        if self.responses:
+            data.update(responses=list(self.responses), unanswered=self.unanswered,
+                        durations=list(self.durations), duration_sum=self.duration_sum)
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> Counters | None:
-        """The counters in text, or None when it is not a valid counters document."""
+        """The counters in text, or None when it is not a valid counters document (the
+        file is written by the app's user: readers trust nothing in it)."""
         try:
             data = json.loads(text)
             counters = cls(pid=data["pid"], requests=data["requests"], in_flight=data["in_flight"],
                            draining=data["draining"], connections=data.get("connections", 0),
-                           busy=data.get("busy", 0), threads=data.get("threads", 0))
+                           busy=data.get("busy", 0), threads=data.get("threads", 0),
+                           swaps=data.get("swaps", 0), recycles=data.get("recycles", 0),
+                           responses=tuple(data.get("responses", ())), unanswered=data.get("unanswered", 0),
+                           durations=tuple(data.get("durations", ())), duration_sum=data.get("duration_sum", 0.0))
         except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
             return None
         ints = (counters.pid, counters.requests, counters.in_flight, counters.connections, counters.busy,
-                counters.threads)
+                counters.threads, counters.swaps, counters.recycles, counters.unanswered,
+                *counters.responses, *counters.durations)
         if not all(type(v) is int and v >= 0 for v in ints) or type(counters.draining) is not bool:
+            return None
+        if counters.responses and (len(counters.responses) != len(STATUS_CLASSES)
+                                   or len(counters.durations) != len(DURATION_BUCKETS) + 1
+                                   or type(counters.duration_sum) not in (int, float)
+                                   or not 0 <= counters.duration_sum < float("inf")):
+            return None
+        if not counters.responses and counters.durations:
             return None
         return counters
 
