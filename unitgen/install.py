@@ -119,7 +119,8 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
             die(f"--listen {address}: a file that is not a socket is there, and systemd would remove it",
                 hint="give a socket path where nothing else lives, such as /run/NAME/http.sock")
         # systemd (root) creates, unlinks and re-creates a unix socket's path.
-        if address.startswith("/") and (problem := writable_by_others(os.path.dirname(address))):
+        if address.startswith("/") and not manager.current().user and (
+                problem := writable_by_others(os.path.dirname(address))):
             die(f"--listen {address}: {problem}", hint="put the socket in a directory only root can write, "
                 "such as /run")
     if manager.current().user:

@@ -21,6 +21,8 @@ from testbed import free_port
 
 pytestmark = pytest.mark.e2e
 _names = itertools.count()
+_GET_OVER_UNIX = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                  "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100).decode())")
 
 
 @dataclass
@@ -98,9 +100,10 @@ def _one_line_error(result, starts: str) -> None:
 def test_user_app_installs_rolls_under_load_scales_logs_and_uninstalls(box, people):
     person = people["linger"]
     name, port = f"u{next(_names)}", free_port()
+    unix = f"/run/user/{person.uid}/{name}.sock"  # the user manager creates it in the user's own directory
     marker = person.run("mktemp").stdout.strip()
     bundle = person.run("unitgen", "render", "--app", "lifecycle:app", "--name", name, "--workdir", "/srv/apps",
-                        "--cores", "2", "--listen", f"127.0.0.1:{port}").stdout
+                        "--cores", "2", "--listen", f"127.0.0.1:{port}", "--listen", unix).stdout
     installed = person.run("unitgen", "install", "--user", "-", input=bundle)
     assert f"see `systemctl --user status {name}.target`" in installed.stderr
     assert person.systemctl("is-active", f"{name}.socket", f"{name}.target").stdout.split() == ["active", "active"]
@@ -125,7 +128,9 @@ def test_user_app_installs_rolls_under_load_scales_logs_and_uninstalls(box, peop
     assert all(after[unit] not in (0, before[unit]) for unit in before), (before, after)
 
     status = json.loads(person.run("unitgen", "status", "--user", name, "--json").stdout)
-    assert status["socket"]["state"] == "active" and status["socket"]["listen"] == [f"127.0.0.1:{port}"]
+    assert status["socket"]["state"] == "active" and status["socket"]["listen"] == [f"127.0.0.1:{port}", unix]
+    served = person.run("python3", "-c", _GET_OVER_UNIX, unix).stdout
+    assert served.startswith("HTTP/1.1 200"), served
     assert [(i["unit"], i["state"], i["pid"]) for i in status["instances"]] == \
         [(unit, "active", pid) for unit, pid in after.items()]
     # The counters files are found below $XDG_RUNTIME_DIR: the load just served shows.
@@ -146,6 +151,7 @@ def test_user_app_installs_rolls_under_load_scales_logs_and_uninstalls(box, peop
 
     person.run("unitgen", "uninstall", "--user", name)
     assert not _listening(port)
+    assert person.run("test", "-e", unix, check=False).returncode == 1
     left = person.run("find", f"{person.home}/.config", f"{person.home}/.local/state", f"/run/user/{person.uid}",
                       "-name", f"{name}*", check=False).stdout.split()
     # No unit, link, saved spec or runtime file is left. The app's own data (StateDirectory=:
