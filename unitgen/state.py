@@ -22,7 +22,17 @@ def show(units: list[str], props: list[str]) -> list[dict[str, str]]:
     blocks = [block for block in out.strip("\n").split("\n\n")]
     if len(blocks) != len(units):
         die(f"systemctl show answered for {len(blocks)} units, not {len(units)}")
-    return [dict(line.split("=", 1) for line in block.splitlines() if "=" in line) for block in blocks]
+    return [_properties(block) for block in blocks]
+
+
+def _properties(block: str) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in block.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            # A property with several values comes as a line each (Listen=, one per address).
+            props[key] = f"{props[key]} {value}" if key in props else value
+    return props
 
 
 def instance_number(unit: str) -> int:

@@ -113,11 +113,12 @@ def test_user_app_installs_rolls_under_load_scales_logs_and_uninstalls(box, peop
     assert person.run("test", "-f", f"{person.home}/.local/state/unitgen/{name}.unitgen.json").returncode == 0
 
     before = _pids(person, name, 2)
-    load = Wrk(f"http://127.0.0.1:{port}/", seconds=12)
+    load = Wrk(f"http://127.0.0.1:{port}/", seconds=30)
     time.sleep(2)
     began = time.monotonic()
     roll = person.run("unitgen", "roll", "--user", name)
     took = time.monotonic() - began
+    assert load.proc.poll() is None, "the load ended before the roll did"
     during = load.result()
     after = _pids(person, name, 2)
     print(f"{box.suite}: user roll of 2 in {took:.1f} s: {during.requests} requests, {during.failed} failed, "
