@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -113,12 +114,15 @@ def test_user_app_installs_rolls_under_load_scales_logs_and_uninstalls(box, peop
     assert person.run("test", "-f", f"{person.home}/.local/state/unitgen/{name}.unitgen.json").returncode == 0
 
     before = _pids(person, name, 2)
-    load = Wrk(f"http://127.0.0.1:{port}/", seconds=30)
+    # Load for the whole roll, however long it takes here: wrk stops and reports on SIGINT.
+    load = Wrk(f"http://127.0.0.1:{port}/", seconds=120)
     time.sleep(2)
     began = time.monotonic()
     roll = person.run("unitgen", "roll", "--user", name)
     took = time.monotonic() - began
+    time.sleep(1)
     assert load.proc.poll() is None, "the load ended before the roll did"
+    load.proc.send_signal(signal.SIGINT)
     during = load.result()
     after = _pids(person, name, 2)
     print(f"{box.suite}: user roll of 2 in {took:.1f} s: {during.requests} requests, {during.failed} failed, "
