@@ -250,7 +250,8 @@ def uninstall(name: str) -> None:
     units = unit_names(name)
     paths = [unit_dir() / unit for unit in units]
     if not any(path.exists() for path in paths):
-        die(f"no app named {name!r} is installed", hint="`systemctl list-units '*.target'` lists what runs")
+        die(f"no app named {name!r} is installed",
+            hint=f"`{' '.join(['systemctl', *manager.current().flags])} list-units '*.target'` lists what runs")
     for path in paths:
         if path.exists() and not is_ours(path):
             die(f"{path} was not written by unitgen", hint="remove it yourself if it is no longer wanted")

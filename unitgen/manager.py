@@ -13,8 +13,12 @@ import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unitgen.errors import die
+
+if TYPE_CHECKING:
+    from unitgen.spec import AppSpec
 
 MANAGERS = ("system", "user")
 LINGER_DIR = Path("/var/lib/systemd/linger")  # logind keeps `loginctl enable-linger` here
@@ -79,6 +83,24 @@ def user_manager() -> Manager:
     return Manager(user=True, unit_dir=_xdg("XDG_CONFIG_HOME", home, ".config") / "systemd" / "user",
                    spec_dir=_xdg("XDG_STATE_HOME", home, ".local/state") / "unitgen",
                    runtime_dir=Path(runtime))
+
+
+# What a user manager cannot do: the spec's field, its flag, and why.
+_NEEDS_ROOT = (("user", "--user", "runs the instances as another user"),
+               ("on_failure", "--on-failure", "needs root to start the alert unit"),
+               ("allow", "--allow", "needs a BPF firewall only root can attach"),
+               ("deny", "--deny", "needs a BPF firewall only root can attach"))
+
+
+def check_manager(spec: AppSpec) -> str:
+    """spec.manager, where a user manager can do everything spec asks."""
+    if spec.manager not in MANAGERS:
+        die(f"--manager {spec.manager!r} is unknown", hint="use system (the default) or user")
+    for field, flag, why in _NEEDS_ROOT if spec.manager == "user" else ():
+        if getattr(spec, field):
+            die(f"{flag} {why}, which a user manager cannot do",
+                hint="a user manager runs everything as its user, unprivileged: render without it")
+    return spec.manager
 
 
 def use(manager: Manager) -> None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from unitgen.errors import die
 from unitgen.escape import check_text
-from unitgen.manager import MANAGERS
+from unitgen.manager import check_manager
 from unitgen_worker.contract import DRAIN_TIMEOUT, INTERFACES, REQUEST_TIMEOUT, THREADS, WATCHDOG, instance_unit
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -347,23 +347,6 @@ def check_root_safe_env(env: tuple[tuple[str, str], ...]) -> None:
             die(f"--env {key} acts on programs before they start", hint=hint)
         if key == "TZ" and (value.lstrip(":").startswith("/") or ".." in value):
             die(f"--env TZ={value!r} names a file", hint=hint + ", or give TZ as a zone name such as Europe/Paris")
-
-
-def check_manager(spec: AppSpec) -> str:
-    """spec.manager, where a user manager can do everything spec asks."""
-    if spec.manager not in MANAGERS:
-        die(f"--manager {spec.manager!r} is unknown", hint="use system (the default) or user")
-    if spec.manager == "user":
-        hint = "a user manager runs everything as its user, unprivileged: render without it"
-        for flag, value in (("--user", spec.user), ("--on-failure", spec.on_failure),
-                            ("--allow", spec.allow), ("--deny", spec.deny)):
-            if value:
-                why = {"--user": "runs the instances as another user",
-                       "--on-failure": "needs root to start the alert unit",
-                       "--allow": "needs a BPF firewall only root can attach",
-                       "--deny": "needs a BPF firewall only root can attach"}[flag]
-                die(f"{flag} {why}, which a user manager cannot do", hint=hint)
-    return spec.manager
 
 
 def parse_hardening(value: str) -> str:
