@@ -79,6 +79,7 @@ KEYS = {
     "on-failure": Key(TEXT, "on_failure", "--on-failure"),
     "writable": Key(PATHS, "writable", "--writable"),
     "hardening": Key(TEXT, "hardening", "--hardening"),
+    "manager": Key(TEXT, "manager", "--manager"),
     "allow": Key(LIST, "allow", "--allow"),
     "deny": Key(LIST, "deny", "--deny"),
     "helper-python": Key(PATH, "helper_python", "--helper-python"),
