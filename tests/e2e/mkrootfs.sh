@@ -14,6 +14,8 @@ pkgs=$pkgs,python3,python3-flask,python3-starlette,python3-venv
 pkgs=$pkgs,openssh-server
 # examples/redis: a real Redis server and redis-py, both from Debian.
 pkgs=$pkgs,redis-server,python3-redis
+# --user: pam_systemd gives user@UID.service its XDG_RUNTIME_DIR (a real host has it).
+pkgs=$pkgs,libpam-systemd
 # Debian 12 has no a2wsgi: the worker falls back to uvicorn's WSGI middleware there.
 [ "$suite" = bookworm ] || pkgs=$pkgs,python3-a2wsgi
 rm -rf "$dest.tmp"

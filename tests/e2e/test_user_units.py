@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import apt_install, wait_until
+from helpers import wait_until
 from load import Wrk
 from testbed import free_port
 
@@ -65,8 +65,8 @@ def _user(box, name: str, *, manager: str) -> Person:
 @pytest.fixture(scope="module")
 def people(box):
     # pam_systemd gives the user manager its XDG_RUNTIME_DIR: without it user@UID.service
-    # fails ("$XDG_RUNTIME_DIR is not set"). Debian installs it with systemd on a real host.
-    apt_install(box, "libpam-systemd")
+    # fails ("$XDG_RUNTIME_DIR is not set"). In the test bed's root file system (mkrootfs.sh).
+    box.run("dpkg-query", "-W", "libpam-systemd")
     suffix = next(_names)
     made = {"linger": _user(box, f"ugl{suffix}", manager="linger"),
             "started": _user(box, f"ugs{suffix}", manager="started"),
