@@ -77,20 +77,36 @@ def _children(pid: int) -> list[int]:
 class Container:
     """One booted container; run() executes a command inside it as root."""
 
-    def __init__(self, suite: str, binds: dict[str, str], flavour: str = "e2e") -> None:
+    def __init__(self, suite: str, binds: dict[str, str], flavour: str = "e2e", *,
+                 name: str | None = None, persistent: Path | None = None) -> None:
+        """name: the machine's name (default unitgen-SUITE-PID), for several at once.
+        persistent: a directory of this container's own where an overlay of the cached
+        root file system keeps its changes across power-offs (upper/, work/, merged/),
+        instead of the throwaway --volatile=overlay; boot() again after power_off()."""
         self.suite = suite
         self.systemd_version = SUITES[suite]
         self.rootfs = ensure_rootfs(suite, flavour)
         self.binds = binds
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid1 = 0
-        self.console = CACHE / f"{suite}-{os.getpid()}.console.log"
+        self.machine = name or f"unitgen-{suite}-{os.getpid()}"
+        self.console = CACHE / (f"{name}-{os.getpid()}.console.log" if name else f"{suite}-{os.getpid()}.console.log")
+        self.persistent = persistent
+        self.root = self.rootfs
+        if persistent is not None:
+            self.root = persistent / "merged"
+            for sub in ("upper", "work", "merged"):
+                (persistent / sub).mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                            f"lowerdir={self.rootfs},upperdir={persistent / 'upper'},workdir={persistent / 'work'}",
+                            str(self.root)], check=True, capture_output=True)
 
     def boot(self, timeout: float = 90) -> None:
+        self.pid1 = 0
         cmd = [
-            "systemd-nspawn", "-D", str(self.rootfs), "-b", "-q",
-            "--register=no", "--keep-unit", "--volatile=overlay",
-            f"--machine=unitgen-{self.suite}-{os.getpid()}",
+            "systemd-nspawn", "-D", str(self.root), "-b", "-q",
+            "--register=no", "--keep-unit", *(["--volatile=overlay"] if self.persistent is None else []),
+            f"--machine={self.machine}",
             # systemd's IP firewall (IPAddressAllow=/Deny=) attaches BPF programs to
             # cgroups; nspawn's default filter blocks bpf(), and systemd then ignores
             # the rules without a word. Allow it, as on a real host.
@@ -144,6 +160,12 @@ class Container:
         return self.run("sh", "-c", script, **kwargs)
 
     def shutdown(self) -> None:
+        self.power_off()
+        if self.persistent is not None and os.path.ismount(self.root):
+            subprocess.run(["umount", str(self.root)], check=False)
+
+    def power_off(self) -> None:
+        """Stops the container; a persistent one keeps its files and can boot() again."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
