@@ -81,6 +81,7 @@ KEYS = {
     "hardening": Key(TEXT, "hardening", "--hardening"),
     "allow": Key(LIST, "allow", "--allow"),
     "deny": Key(LIST, "deny", "--deny"),
+    "metrics-listen": Key(TEXT, "metrics_listen", "--metrics-listen"),
     "helper-python": Key(PATH, "helper_python", "--helper-python"),
     "helper-script": Key(PATH, "helper_script", "--helper-script"),
 }
