@@ -88,7 +88,8 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         hardening=parse_hardening(args.hardening),
         allow=tuple(parse_cidr("--allow", value) for value in args.allow),
         deny=tuple(parse_cidr("--deny", value) for value in args.deny),
-        metrics_listen=parse_metrics_listen(args.metrics_listen, listen) if args.metrics_listen is not None else None,
+        metrics_listen=(parse_metrics_listen(args.metrics_listen, listen, args.user)
+                        if args.metrics_listen is not None else None),
         helper_python=parse_executable("--helper-python", sys.executable if args.helper_python is None
                                        else args.helper_python),
         helper_script=parse_executable("--helper-script", str(Path(alert.__file__).resolve())

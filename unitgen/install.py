@@ -63,15 +63,17 @@ def unit_search_path() -> list[Path]:
     return [Path(p) for p in (paths or _FALLBACK_PATHS)]
 
 
-def foreign_units(name: str) -> list[Path]:
+def foreign_units(name: str, *, metrics: bool = False) -> list[Path]:
     """Every unit file of name's units anywhere in systemd's search path that install
     did not write: NAME.socket/.target/.service, NAME@.service and NAME@N.service.
-    unitgen writes only the first three of its own, and only to UNIT_DIR."""
+    unitgen writes only the first three of its own, and only to UNIT_DIR; with metrics,
+    NAME-metrics.socket and NAME-metrics.service as well."""
     socket, service, target = unit_names(name)
-    ours = {socket, service, target, *metrics_units(name)}
+    extra = metrics_units(name) if metrics else ()
+    ours = {socket, service, target, *extra}
     found = []
     for directory in unit_search_path():
-        for pattern in (socket, target, f"{name}.service", service, instances_pattern(name), *metrics_units(name)):
+        for pattern in (socket, target, f"{name}.service", service, instances_pattern(name), *extra):
             for path in sorted(directory.glob(pattern)) if directory.is_dir() else []:
                 if not (directory == UNIT_DIR and path.name in ours and is_ours(path)):
                     found.append(path)
@@ -91,11 +93,6 @@ def installed_spec(name: str) -> AppSpec | None:
 
 def check_target(spec: AppSpec, *, replace: bool) -> None:
     """Refuse to touch what is not this app's: system units, another app's units."""
-    foreign = foreign_units(spec.name)
-    if foreign:
-        die(f"{foreign[0]} exists and was not written by unitgen; {spec.name!r} would shadow or clash with it",
-            hint="choose another --name")
-    installed = installed_spec(spec.name)
     # App "x" writes x-metrics.socket/.service: never over app "x-metrics"'s units, nor
     # the other way round (both are unitgen's, so the marker does not tell them apart).
     if spec.metrics_listen is not None and (UNIT_DIR / unit_names(f"{spec.name}-metrics")[2]).exists():
@@ -105,6 +102,11 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
     if base != spec.name and (other := installed_spec(base)) and other.metrics_listen is not None:
         die(f"{base!r} is installed with --metrics-listen, whose units are named {spec.name}-metrics",
             hint="choose another --name")
+    foreign = foreign_units(spec.name, metrics=spec.metrics_listen is not None)
+    if foreign:
+        die(f"{foreign[0]} exists and was not written by unitgen; {spec.name!r} would shadow or clash with it",
+            hint="choose another --name")
+    installed = installed_spec(spec.name)
     if installed and (installed.app, installed.workdir) != (spec.app, spec.workdir) and not replace:
         die(f"{spec.name!r} is installed for {installed.app} in {installed.workdir}, not {spec.app} in "
             f"{spec.workdir}", hint="choose another --name, or pass --replace to install over it")

@@ -19,6 +19,7 @@ import ctypes
 import http.server
 import os
 import socket
+import socketserver
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,12 +196,11 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, sock: socket.socket, handler: type[_Handler]) -> None:
-        super().__init__(sock.getsockname(), handler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock  # systemd's: bound and listening already
-
-    def server_bind(self) -> None:  # never called (the socket is bound); no getfqdn()
-        pass
+        # Not TCPServer.__init__: it makes a socket of its own, which the sandbox refuses
+        # (RestrictAddressFamilies=AF_UNIX) and which is not needed: systemd's is bound
+        # and listening already.
+        socketserver.BaseServer.__init__(self, sock.getsockname(), handler)
+        self.socket = sock
 
 
 def listening_socket() -> socket.socket:

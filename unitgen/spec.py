@@ -185,8 +185,8 @@ def validated(spec: AppSpec) -> AppSpec:
         hardening=parse_hardening(spec.hardening),
         allow=tuple(parse_cidr("--allow", v) for v in strings(spec.allow, "allow")),
         deny=tuple(parse_cidr("--deny", v) for v in strings(spec.deny, "deny")),
-        metrics_listen=(parse_metrics_listen(spec.metrics_listen, parse_listens(strings(spec.listen, "listen")))
-                        if spec.metrics_listen is not None else None),
+        metrics_listen=(parse_metrics_listen(spec.metrics_listen, parse_listens(strings(spec.listen, "listen")),
+                                             spec.user) if spec.metrics_listen is not None else None),
         helper_python=parse_executable("--helper-python", spec.helper_python),
         helper_script=parse_executable("--helper-script", spec.helper_script),
     )
@@ -304,9 +304,11 @@ def parse_listen(value: str, flag: str = "--listen") -> str:
         die(f"{flag} {value!r} needs a numeric IPv4 address or [IPv6] before the port", hint=hint)
 
 
-def parse_metrics_listen(value: str, listen: tuple[str, ...]) -> str:
+def parse_metrics_listen(value: str, listen: tuple[str, ...], user: str | None) -> str:
     """--metrics-listen as --listen takes an address, on none of the app's own: scrapes
-    must never reach the app, nor the app's clients the exporter."""
+    must never reach the app, nor the app's clients the exporter. The exporter runs as
+    the app's --user and asks systemd over D-Bus, which refuses a dynamic user
+    (dbus-daemon cannot resolve one: systemd issue 22737)."""
     address = parse_listen(value, "--metrics-listen")
 
     def port_of(addr: str) -> str | None:
@@ -320,6 +322,10 @@ def parse_metrics_listen(value: str, listen: tuple[str, ...]) -> str:
         if own == address or (same_port and (all_addresses(own) or all_addresses(address))):
             die(f"--metrics-listen {value!r} is the app's own --listen {own}",
                 hint="give the metrics their own port, for example --metrics-listen 127.0.0.1:9100")
+    if user is None:
+        die("--metrics-listen needs --user: the exporter runs as the app's user, and the system bus "
+            "(dbus-daemon) refuses the dynamic user the app gets without one",
+            hint="give the app a user of its own, for example --user myapp (useradd --system myapp)")
     return address
 
 

@@ -248,18 +248,19 @@ def test_the_exporter_refuses_to_run_without_a_socket_from_systemd(capfd, monkey
 ])
 def test_metrics_listen_is_validated_like_listen_and_apart_from_it(value, listen, problem):
     with pytest.raises(Die) as err:
-        parse_metrics_listen(value, listen)
+        parse_metrics_listen(value, listen, "www-data")
     assert problem in err.value.line() and "--metrics-listen" in err.value.line()
 
 
 def test_metrics_listen_is_normalised(monkeypatch):
-    assert parse_metrics_listen("[0:0::1]:9100", ("127.0.0.1:8000",)) == "[::1]:9100"
-    assert parse_metrics_listen("127.0.0.1:8000", ("[::1]:8000",)) == "127.0.0.1:8000"
+    assert parse_metrics_listen("[0:0::1]:9100", ("127.0.0.1:8000",), "www-data") == "[::1]:9100"
+    assert parse_metrics_listen("127.0.0.1:8000", ("[::1]:8000",), "www-data") == "127.0.0.1:8000"
 
 
 def test_render_with_metrics_listen_adds_the_units_and_the_worker_flag(unitgen, tmp_path):
     result = unitgen("render", "--no-check", "--app", "hello:app", "--metrics-listen", "127.0.0.1:9100",
-                     "--python", "/usr/bin/python3", "--helper-python", "/usr/bin/python3", "--out", str(tmp_path))
+                     "--user", "www-data", "--python", "/usr/bin/python3", "--helper-python", "/usr/bin/python3",
+                     "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert {"hello-metrics.socket", "hello-metrics.service"} <= {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "hello@.service").read_text().count(" --metrics\n") == 1
@@ -272,16 +273,27 @@ def test_render_with_metrics_listen_adds_the_units_and_the_worker_flag(unitgen, 
 
 def test_a_bad_metrics_listen_is_one_line_and_writes_nothing(unitgen, tmp_path):
     result = unitgen("render", "--no-check", "--app", "hello:app", "--metrics-listen", "8000", "--listen", "8000",
-                     "--out", str(tmp_path / "out"))
+                     "--user", "app", "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and not (tmp_path / "out").exists()
     assert result.stderr.count("\n") == 1 and "--metrics-listen '8000' is the app's own --listen 8000" in result.stderr
 
 
 def test_a_saved_spec_with_a_bad_metrics_listen_is_refused(unitgen, tmp_path):
-    result = unitgen("render", "--no-check", "--app", "hello:app", "--metrics-listen", "9100", "--out", str(tmp_path))
+    result = unitgen("render", "--no-check", "--app", "hello:app", "--metrics-listen", "9100", "--user", "app",
+                     "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "hello.unitgen.json").read_text())
     assert saved["metrics_listen"] == "9100"
     saved["metrics_listen"] = "9100\n[Service]"
     bad = unitgen("render", "--spec", "-", input=json.dumps(saved))
     assert bad.returncode == 1 and "--metrics-listen" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_metrics_need_a_user_of_the_apps_own(unitgen, tmp_path):
+    """The system bus (dbus-daemon) refuses a dynamic user, so the exporter could not ask
+    systemd anything: render says so instead of writing an exporter that answers 503."""
+    with pytest.raises(Die) as err:
+        parse_metrics_listen("9100", ("8000",), None)
+    assert "--metrics-listen needs --user" in err.value.line()
+    result = unitgen("render", "--no-check", "--app", "hello:app", "--metrics-listen", "9100", "--out", str(tmp_path))
+    assert result.returncode == 1 and "--metrics-listen needs --user" in result.stderr

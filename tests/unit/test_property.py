@@ -189,11 +189,9 @@ def expected_metrics_units(spec: AppSpec) -> dict[str, list[tuple]]:
         ("Unit", "Requires", raw, f"{name}-metrics.socket"),
         ("Unit", "After", raw, f"{name}-metrics.socket"),
         ("Service", "ExecStart", command, ("", spec.helper_python, ["-I", "-m", "unitgen.metrics", name])),
-        *([("Service", "User", rest_of_line, spec.user)] if spec.user else
-          [("Service", "DynamicUser", raw, "yes"), ("Service", "User", rest_of_line, dynamic_user(name))]),
+        ("Service", "User", rest_of_line, spec.user),
         ("Service", "RuntimeDirectory", raw, f"unitgen/{name}"),
         ("Service", "RuntimeDirectoryPreserve", raw, "yes"),
-        ("Service", "Restart", raw, "on-failure"),
         *[("Service", key, raw, value) for key, value in [
             ("NoNewPrivileges", "yes"), ("CapabilityBoundingSet", ""), ("AmbientCapabilities", ""),
             ("UMask", "0077"), ("PrivateTmp", "yes"), ("PrivateDevices", "yes"), ("PrivateMounts", "yes"),
