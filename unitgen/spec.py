@@ -122,7 +122,10 @@ class AppSpec:
 
     def to_json(self) -> str:
         """The saved form install keeps beside the units; from_json reads it back."""
-        return json.dumps({"schema": SPEC_SCHEMA, **asdict(self)}, indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        if self.metrics_listen is None:  # a spec without metrics reads as before this field existed
+            del data["metrics_listen"]
+        return json.dumps({"schema": SPEC_SCHEMA, **data}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str) -> AppSpec:
