@@ -226,8 +226,10 @@ def spec_files(draw):
     spec = {field: _json_field(field, draw(VALID[flag])) for field, flag in _FIELDS.items() if flag != "--cores"}
     spec.update(schema=1, instances=draw(st.integers(1, 4)), user=draw(st.none() | VALID["--user"]),
                 on_failure=draw(st.none() | VALID["--on-failure"]),
-                metrics_listen=draw(st.none() | VALID["--metrics-listen"]),
+
                 rebalance=draw(st.booleans() | JSON) if draw(st.integers(0, 9)) == 0 else draw(st.booleans()))
+    # The exporter needs the app's --user: metrics only beside one.
+    spec["metrics_listen"] = draw(st.none() | VALID["--metrics-listen"]) if spec["user"] is not None else None
     field = draw(st.sampled_from(sorted(_FIELDS)))
     how = draw(st.sampled_from(["option", "valid", "option", "json", "option", "drop", "extra", "schema", "text"]))
     if how == "valid":
