@@ -10,7 +10,9 @@ operator's terminal, environment or the bundle on its way to `sudo unitgen insta
   no terminal and a clean environment; with no --user there is nobody safe to be, so
   the check is skipped with a note;
 - not as root: only when this user is the instances' --user; otherwise skipped with a
-  note (the app's code would run as the operator).
+  note (the app's code would run as the operator);
+- for a user manager (--manager user): as this user, who installs and runs it; as root,
+  nobody is that user, so skipped with a note.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def _systemd_running() -> bool:
 def _command(spec: AppSpec) -> list[str] | None:
     """The check's command line as it must run here, or None when it must not run."""
     argv = worker_argv(spec.python, WorkerConfig(app=spec.app, interface=spec.interface, check=True))
+    if spec.manager == "user":
+        return argv if os.geteuid() != 0 else None
     if os.geteuid() == 0 and _systemd_running():
         who = [f"--uid={spec.user}"] if spec.user else ["-p", "DynamicUser=yes"]
         env = [f"--setenv={key}={value}" for key, value in spec.env]
@@ -61,7 +65,8 @@ def check_app(spec: AppSpec) -> str | None:
             hint="give the interpreter, e.g. /srv/app/.venv/bin/python")
     cmd = _command(spec)
     if cmd is None:
-        who = f"user {spec.user}" if spec.user else "a dynamic user"
+        who = ("the user who installs it (--manager user)" if spec.manager == "user" else
+               f"user {spec.user}" if spec.user else "a dynamic user")
         print(f"unitgen: note: the app was not imported to check it: it runs as {who}, and importing it here "
               "would run its code as this user; render as root (or as that user) to check, or pass --no-check",
               file=sys.stderr)

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from unitgen import __version__, config, run
+from unitgen import __version__, config, manager, run
 from unitgen.check import check_app
 from unitgen.cores import usable_cpus
 from unitgen.dev import DevConfig, serve
@@ -24,6 +24,7 @@ from unitgen.spec import (
     MAX_CONCURRENCY,
     MAX_THREADS,
     AppSpec,
+    check_manager,
     check_on_failure,
     check_root_safe_env,
     default_name,
@@ -66,7 +67,7 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
     if on_failure:
         check_root_safe_env(env)
         check_on_failure(name, on_failure)
-    return AppSpec(
+    spec = AppSpec(
         name=name,
         app=app,
         instances=parse_cores(args.cores, usable=usable_cpus()),
@@ -94,7 +95,10 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
                                        else args.helper_python),
         helper_script=parse_executable("--helper-script", str(Path(alert.__file__).resolve())
                                        if args.helper_script is None else args.helper_script),
+        manager=args.manager,
     )
+    check_manager(spec)
+    return spec
 
 
 def write_out(files: dict[str, str], out: str) -> None:
@@ -189,7 +193,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     name = install(args.source, start=not args.no_start, replace=args.replace)
     state = "installed" if args.no_start else "installed and started"
-    print(f"{name}: {state}; see `systemctl status {name}.target`", file=sys.stderr)
+    systemctl = " ".join(["systemctl", *manager.current().flags])
+    print(f"{name}: {state}; see `{systemctl} status {name}.target`", file=sys.stderr)
     return 0
 
 
@@ -245,6 +250,9 @@ def build_parser(*, render_defaults: dict[str, object] | None = None) -> argpars
     render.add_argument("--python", help="interpreter that runs the app, e.g. a virtualenv's (default: this one)")
     render.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment; repeatable")
     render.add_argument("--user", help="run the instances as this user")
+    render.add_argument("--manager", default="system", choices=manager.MANAGERS,
+                        help="the systemd the units are for: system (default), or user: a user's own "
+                             "(`unitgen install --user`, no root)")
     render.add_argument("--interface", default="auto", choices=INTERFACES, help="app interface (default: detect)")
     render.add_argument("--watchdog", default=str(WATCHDOG), metavar="SECONDS",
                         help=f"kill and restart an instance whose event loop is stuck this long; 0: off "
@@ -350,6 +358,9 @@ def build_parser(*, render_defaults: dict[str, object] | None = None) -> argpars
     logsp.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logsp.add_argument("-n", "--lines", type=int, default=50, help="how many lines to show first (default 50)")
     logsp.set_defaults(func=cmd_logs)
+    for command in (inst, uninst, rollp, showp, statusp, scalep, logsp):
+        command.add_argument("--user", dest="user_manager", action="store_true",
+                             help="the app under your own user's systemd (`systemctl --user`), not the system's")
     return parser
 
 
@@ -370,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "render":
             args = with_config_file(args, argv)
+        if getattr(args, "user_manager", False):
+            manager.use(manager.user_manager())
         return args.func(args)
     except Die as err:
         if debug:

@@ -79,6 +79,7 @@ KEYS = {
     "on-failure": Key(TEXT, "on_failure", "--on-failure"),
     "writable": Key(PATHS, "writable", "--writable"),
     "hardening": Key(TEXT, "hardening", "--hardening"),
+    "manager": Key(TEXT, "manager", "--manager"),
     "allow": Key(LIST, "allow", "--allow"),
     "deny": Key(LIST, "deny", "--deny"),
     "metrics-listen": Key(TEXT, "metrics_listen", "--metrics-listen"),

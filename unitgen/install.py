@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import stat
@@ -10,14 +11,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from unitgen import manager
 from unitgen.errors import Die, die
-from unitgen.render import MARKER, check_files, metrics_units, parse_bundle, spec_file, unit_names
+from unitgen.render import MARKER, check_files, metrics_units, parse_bundle, render_units, spec_file, unit_names
 from unitgen.run import run, systemctl
-from unitgen.spec import AppSpec, parse_name
+from unitgen.spec import AppSpec, check_manager, parse_name
 from unitgen.trust import helper_problem, writable_by_others
 from unitgen_worker.contract import ALERT_STATE_DIR, instance_unit, instances_pattern
 
-UNIT_DIR = Path("/etc/systemd/system")
 # systemd's search path when `systemd-analyze unit-paths` cannot say (systemd 252/257).
 _FALLBACK_PATHS = ("/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
                    "/run/systemd/generator.early", "/etc/systemd/system", "/etc/systemd/system.attached",
@@ -57,16 +58,27 @@ def is_ours(path: Path) -> bool:
             return False
 
 
+def unit_dir() -> Path:
+    """Where install writes units for the manager in use (cli.py picks it)."""
+    return manager.current().unit_dir
+
+
+def spec_path(name: str) -> Path:
+    """The saved spec of app name: beside the units, or in a user's own state directory."""
+    return manager.current().spec_dir / spec_file(name)
+
+
 def unit_search_path() -> list[Path]:
-    result = run(["systemd-analyze", "unit-paths"], check=False)
+    result = run(["systemd-analyze", *manager.current().flags, "unit-paths"], check=False)
     paths = result.stdout.split() if result.returncode == 0 else []
-    return [Path(p) for p in (paths or _FALLBACK_PATHS)]
+    fallback = [unit_dir()] if manager.current().user else _FALLBACK_PATHS
+    return [Path(p) for p in (paths or fallback)]
 
 
 def foreign_units(name: str, *, metrics: bool = False) -> list[Path]:
     """Every unit file of name's units anywhere in systemd's search path that install
     did not write: NAME.socket/.target/.service, NAME@.service and NAME@N.service.
-    unitgen writes only the first three of its own, and only to UNIT_DIR; with metrics,
+    unitgen writes only the first three of its own, and only to unit_dir(); with metrics,
     NAME-metrics.socket and NAME-metrics.service as well."""
     socket, service, target = unit_names(name)
     extra = metrics_units(name) if metrics else ()
@@ -75,13 +87,13 @@ def foreign_units(name: str, *, metrics: bool = False) -> list[Path]:
     for directory in unit_search_path():
         for pattern in (socket, target, f"{name}.service", service, instances_pattern(name), *extra):
             for path in sorted(directory.glob(pattern)) if directory.is_dir() else []:
-                if not (directory == UNIT_DIR and path.name in ours and is_ours(path)):
+                if not (directory == unit_dir() and path.name in ours and is_ours(path)):
                     found.append(path)
     return found
 
 
 def installed_spec(name: str) -> AppSpec | None:
-    path = UNIT_DIR / spec_file(name)
+    path = spec_path(name)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -95,7 +107,7 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
     """Refuse to touch what is not this app's: system units, another app's units."""
     # App "x" writes x-metrics.socket/.service: never over app "x-metrics"'s units, nor
     # the other way round (both are unitgen's, so the marker does not tell them apart).
-    if spec.metrics_listen is not None and (UNIT_DIR / unit_names(f"{spec.name}-metrics")[2]).exists():
+    if spec.metrics_listen is not None and (unit_dir() / unit_names(f"{spec.name}-metrics")[2]).exists():
         die(f"an app named {spec.name}-metrics is installed; {spec.name}'s metrics units would take its names",
             hint="choose another --name, or uninstall that app first")
     base = spec.name.removesuffix("-metrics")
@@ -118,9 +130,12 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
             die(f"--listen {address}: a file that is not a socket is there, and systemd would remove it",
                 hint="give a socket path where nothing else lives, such as /run/NAME/http.sock")
         # systemd (root) creates, unlinks and re-creates a unix socket's path.
-        if address.startswith("/") and (problem := writable_by_others(os.path.dirname(address))):
+        if address.startswith("/") and not manager.current().user and (
+                problem := writable_by_others(os.path.dirname(address))):
             die(f"--listen {address}: {problem}", hint="put the socket in a directory only root can write, "
                 "such as /run")
+    if manager.current().user:
+        manager.check_user_install(spec.listen)
     if spec.on_failure and (problem := helper_problem(spec.helper_python, spec.helper_script)):
         die(f"{problem}; root runs it at every failure (--on-failure)",
             hint="install unitgen from its .deb and render with it (the helper is then Debian's python3 and "
@@ -134,7 +149,7 @@ def verify(units: dict[str, str]) -> None:
         for unit, text in units.items():
             (Path(scratch) / unit).write_text(text)
             paths.append(str(Path(scratch) / unit))
-        result = run(["systemd-analyze", "verify", *paths], check=False)
+        result = run(["systemd-analyze", *manager.current().flags, "verify", *paths], check=False)
         output = (result.stdout + result.stderr).strip().replace(scratch + "/", "")
         if result.returncode != 0 or output:
             first = output.splitlines()[0] if output else f"exit code {result.returncode}"
@@ -187,8 +202,40 @@ def filters_clients(socket: str) -> bool:
     return value.isdigit() and int(value) < 2**64 - 1
 
 
+def for_this_manager(spec: AppSpec, units: dict[str, str]) -> tuple[AppSpec, dict[str, str]]:
+    """The bundle's spec and units, made for the manager install talks to: `install --user`
+    takes a system bundle (rendered without --manager) and renders it for the user's."""
+    wanted = "user" if manager.current().user else "system"
+    if spec.manager == wanted:
+        return spec, units
+    if wanted == "system":
+        die(f"{spec.name!r} was rendered for a user manager (--manager user)",
+            hint="install it with `unitgen install --user` as that user, or render it without --manager user")
+    spec = dataclasses.replace(spec, manager="user")
+    check_manager(spec)
+    return spec, render_units(spec)
+
+
+def save(units: dict[str, str], spec: AppSpec) -> None:
+    """Write units and the saved spec; the spec last: it is the truth later commands
+    read, so it names only units in place."""
+    where = manager.current()
+    if where.spec_dir == where.unit_dir:
+        write_files({**units, spec_file(spec.name): spec.to_json()}, where.unit_dir)
+        return
+    for directory in (where.unit_dir, where.spec_dir):
+        # A user's own directories (~/.config/systemd/user, ~/.local/state/unitgen),
+        # created for them as systemd --user and the XDG spec expect.
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            die(f"cannot create {directory}: {err.strerror}", hint="create it yourself, owned by you")
+    write_files(units, where.unit_dir)
+    write_files({spec_file(spec.name): spec.to_json()}, where.spec_dir, mode=0o600)
+
+
 def install(source: str, *, start: bool, replace: bool = False) -> str:
-    spec, units = read_files(source)
+    spec, units = for_this_manager(*read_files(source))
     check_target(spec, replace=replace)
     verify(units)
     socket, _, target = unit_names(spec.name)
@@ -196,8 +243,7 @@ def install(source: str, *, start: bool, replace: bool = False) -> str:
     if previous is not None and previous.metrics_listen is not None:
         # The exporter holds its socket's old address: both stop, to start anew below.
         stop_metrics(spec.name, remove=spec.metrics_listen is None)
-    # The spec last: it is the truth later commands read, so it names only units in place.
-    write_files({**units, spec_file(spec.name): spec.to_json()}, UNIT_DIR)
+    save(units, spec)
     systemctl("daemon-reload")
     systemctl("enable", "--quiet", socket, target)
     if spec.metrics_listen is not None:
@@ -228,8 +274,8 @@ def metrics_installed(name: str) -> bool:
         spec = None
     if spec is not None:
         return spec.metrics_listen is not None
-    return (not (UNIT_DIR / unit_names(f"{name}-metrics")[2]).exists()
-            and any(is_ours(UNIT_DIR / unit) for unit in metrics_units(name)))
+    return (not (unit_dir() / unit_names(f"{name}-metrics")[2]).exists()
+            and any(is_ours(unit_dir() / unit) for unit in metrics_units(name)))
 
 
 def stop_metrics(name: str, *, remove: bool) -> None:
@@ -240,17 +286,18 @@ def stop_metrics(name: str, *, remove: bool) -> None:
     if remove:
         systemctl("disable", "--quiet", metrics_socket, check=False)
         for unit in (metrics_socket, metrics_service):
-            if is_ours(UNIT_DIR / unit):
-                (UNIT_DIR / unit).unlink()
+            if is_ours(unit_dir() / unit):
+                (unit_dir() / unit).unlink()
         systemctl("reset-failed", metrics_socket, metrics_service, check=False)
 
 
 def uninstall(name: str) -> None:
     name = parse_name(name)
     units = unit_names(name)
-    paths = [UNIT_DIR / unit for unit in units]
+    paths = [unit_dir() / unit for unit in units]
     if not any(path.exists() for path in paths):
-        die(f"no app named {name!r} is installed", hint="`systemctl list-units '*.target'` lists what runs")
+        die(f"no app named {name!r} is installed",
+            hint=f"`{' '.join(['systemctl', *manager.current().flags])} list-units '*.target'` lists what runs")
     for path in paths:
         if path.exists() and not is_ours(path):
             die(f"{path} was not written by unitgen", hint="remove it yourself if it is no longer wanted")
@@ -266,9 +313,10 @@ def uninstall(name: str) -> None:
     # own data (StateDirectory=) stays, as apt's remove keeps configuration.
     systemctl("clean", "--what=runtime", instance_unit(name, 0), check=False)
     systemctl("disable", "--quiet", socket, target, check=False)
-    for path in [*paths, UNIT_DIR / spec_file(name)]:
+    for path in [*paths, spec_path(name)]:
         path.unlink(missing_ok=True)
-    for state in ALERT_STATE_DIR.glob(f"{instances_pattern(name)}.json"):
+    # Root's alert helper keeps its counts there; a user manager has no such helper.
+    for state in [] if manager.current().user else ALERT_STATE_DIR.glob(f"{instances_pattern(name)}.json"):
         state.unlink(missing_ok=True)
     systemctl("daemon-reload")
     systemctl("reset-failed", socket, instances, check=False)

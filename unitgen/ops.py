@@ -8,10 +8,11 @@ import sys
 import time
 from datetime import datetime
 
+from unitgen import manager
 from unitgen.errors import die
 from unitgen.escape import printable
-from unitgen.install import UNIT_DIR, write_files
-from unitgen.render import render_files, spec_file
+from unitgen.install import save
+from unitgen.render import render_files
 from unitgen.run import log, run, stream, systemctl
 from unitgen.state import App, show
 from unitgen_worker.contract import HOLD, instances_pattern
@@ -22,7 +23,8 @@ def _say(message: str) -> None:
 
 
 def _journal_tail(unit: str, lines: int = 15) -> str:
-    out = run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit], check=False).stdout
+    out = run(["journalctl", *manager.current().flags, "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit],
+              check=False).stdout
     # The app writes these lines: no escape sequence of its reaches the operator's terminal.
     return "\n".join(f"    {printable(line)}" for line in out.rstrip().splitlines())
 
@@ -116,7 +118,7 @@ def scale(name: str, count: int) -> None:
     spec = dataclasses.replace(app.spec, instances=count)
     files = render_files(spec)
     # The target and the saved spec change; the spec last, as install does.
-    write_files({app.target: files[app.target], spec_file(app.name): files[spec_file(app.name)]}, UNIT_DIR)
+    save({app.target: files[app.target]}, spec)
     systemctl("daemon-reload")
     wanted = set(spec.instance_names)
     extra = [u for u in app.loaded() if u not in wanted]
@@ -131,9 +133,10 @@ def scale(name: str, count: int) -> None:
 
 
 def _format(entry: dict) -> str:
-    unit = entry.get("_SYSTEMD_UNIT") or entry.get("UNIT") or "?"
+    # A user manager's units: _SYSTEMD_UNIT is user@UID.service, the unit is the user unit.
+    unit = entry.get("_SYSTEMD_USER_UNIT") or entry.get("_SYSTEMD_UNIT") or entry.get("UNIT") or "?"
     if unit == "init.scope":
-        unit = entry.get("UNIT", unit)
+        unit = entry.get("USER_UNIT") or entry.get("UNIT", unit)
     tag = unit.removesuffix(".service").removesuffix(".socket")
     stamp = datetime.fromtimestamp(int(entry.get("__REALTIME_TIMESTAMP", "0")) / 1e6).strftime("%Y-%m-%d %H:%M:%S")
     message = entry.get("MESSAGE", "")
@@ -145,7 +148,7 @@ def _format(entry: dict) -> str:
 def logs(name: str, *, follow: bool = False, lines: int = 50) -> int:
     """Every instance's journal (and the socket's), interleaved, each line tagged."""
     app = App(name)
-    cmd = ["journalctl", "--no-pager", "-o", "json", "-n", str(lines),
+    cmd = ["journalctl", *manager.current().flags, "--no-pager", "-o", "json", "-n", str(lines),
            "-u", instances_pattern(app.name), "-u", app.socket]
     if follow:
         cmd.append("-f")

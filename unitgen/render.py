@@ -105,9 +105,9 @@ def protect_home(spec: AppSpec) -> str:
     return "yes"
 
 
-def render_target(name: str, app: str, instances: int) -> str:
+def render_target(name: str, app: str, instances: int, *, user_manager: bool = False) -> str:
     """NAME.target alone: `scale` changes the number of instances it wants."""
-    context = {"marker": _marker(app), "name": name, "app": app,
+    context = {"marker": _marker(app), "name": name, "app": app, "user_manager": user_manager,
                "instance_units": [instance_unit(name, i) for i in range(instances)]}
     return _environment().get_template("target.j2").render(context)
 
@@ -124,12 +124,13 @@ def render_units(spec: AppSpec) -> dict[str, str]:
         "runtime_directory": runtime_directory(spec.name),
         "state_directory": state_directory(spec.name),
         "first_instance": instance_unit(spec.name, 0),
+        "user_manager": spec.manager == "user",
     }
     socket, service, target = unit_names(spec.name)
     units = {
         socket: env.get_template("socket.j2").render(context),
         service: env.get_template("service.j2").render(context),
-        target: render_target(spec.name, spec.app, spec.instances),
+        target: render_target(spec.name, spec.app, spec.instances, user_manager=spec.manager == "user"),
     }
     if spec.metrics_listen is not None:
         metrics_socket, metrics_service = metrics_units(spec.name)

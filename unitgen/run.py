@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 
+from unitgen import manager
 from unitgen.errors import die
 
 DEBUG = False
@@ -87,7 +88,7 @@ def _credentials(user: int | str) -> dict:
 
 
 def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(["systemctl", *args], check=check)
+    return run(["systemctl", *manager.current().flags, *args], check=check)
 
 
 @contextlib.contextmanager

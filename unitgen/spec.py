@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from unitgen.errors import die
 from unitgen.escape import check_text
+from unitgen.manager import check_manager
 from unitgen_worker.contract import DRAIN_TIMEOUT, INTERFACES, REQUEST_TIMEOUT, THREADS, WATCHDOG, instance_unit
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -102,6 +103,7 @@ class AppSpec:
     # so install checks that only root can write them.
     helper_python: str = "/usr/bin/python3"
     helper_script: str = "/usr/lib/python3/dist-packages/unitgen_worker/alert.py"
+    manager: str = "system"  # or "user": units for a user's own systemd (`systemctl --user`)
 
     @property
     def instance_names(self) -> list[str]:
@@ -125,6 +127,8 @@ class AppSpec:
         data = asdict(self)
         if self.metrics_listen is None:  # a spec without metrics reads as before this field existed
             del data["metrics_listen"]
+        if self.manager == "system":  # a system spec reads as before this field existed
+            del data["manager"]
         return json.dumps({"schema": SPEC_SCHEMA, **data}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -192,6 +196,7 @@ def validated(spec: AppSpec) -> AppSpec:
                                              spec.user) if spec.metrics_listen is not None else None),
         helper_python=parse_executable("--helper-python", spec.helper_python),
         helper_script=parse_executable("--helper-script", spec.helper_script),
+        manager=check_manager(spec),
     )
 
 

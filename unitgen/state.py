@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import time
 
+from unitgen import manager
 from unitgen.errors import die
-from unitgen.install import UNIT_DIR, installed_spec, is_ours
-from unitgen.render import spec_file, unit_names
+from unitgen.install import installed_spec, is_ours, spec_path, unit_dir
+from unitgen.render import unit_names
 from unitgen.run import systemctl
 from unitgen.spec import AppSpec, parse_name
 from unitgen_worker.contract import instances_pattern
@@ -21,7 +22,17 @@ def show(units: list[str], props: list[str]) -> list[dict[str, str]]:
     blocks = [block for block in out.strip("\n").split("\n\n")]
     if len(blocks) != len(units):
         die(f"systemctl show answered for {len(blocks)} units, not {len(units)}")
-    return [dict(line.split("=", 1) for line in block.splitlines() if "=" in line) for block in blocks]
+    return [_properties(block) for block in blocks]
+
+
+def _properties(block: str) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in block.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            # A property with several values comes as a line each (Listen=, one per address).
+            props[key] = f"{props[key]} {value}" if key in props else value
+    return props
 
 
 def instance_number(unit: str) -> int:
@@ -35,10 +46,11 @@ class App:
     def __init__(self, name: str) -> None:
         self.name = parse_name(name)
         self.socket, self.service, self.target = unit_names(self.name)
-        target_file = UNIT_DIR / self.target
+        target_file = unit_dir() / self.target
         if not target_file.exists():
-            die(f"no app named {self.name!r} is installed",
-                hint="install it with `unitgen render ... | sudo unitgen install -`")
+            where = " under your user's systemd" if manager.current().user else ""
+            die(f"no app named {self.name!r} is installed{where}",
+                hint=f"install it with `unitgen render ... | {manager.current().sudo} install -`")
         if not is_ours(target_file):
             die(f"{target_file} was not written by unitgen", hint="unitgen only manages apps it installed")
         spec = installed_spec(self.name)
@@ -51,7 +63,7 @@ class App:
     def units_changed_at(self) -> float:
         """When its service template or saved spec was last written, on CLOCK_MONOTONIC
         (systemd's *TimestampMonotonic clock)."""
-        files = [UNIT_DIR / self.service, UNIT_DIR / spec_file(self.name)]
+        files = [unit_dir() / self.service, spec_path(self.name)]
         written = max((path.stat().st_mtime for path in files if path.exists()), default=0.0)
         return written - (time.time() - time.monotonic())
 

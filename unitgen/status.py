@@ -23,17 +23,18 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from unitgen import manager
 from unitgen.escape import printable
 from unitgen.state import App, instance_number, show
 from unitgen_worker.backoff import load as load_backoff
 from unitgen_worker.contract import (
-    RUNTIME_ROOT,
     Counters,
     HandoverResult,
     backoff_file,
     counters_file,
     handover_file,
     read_app_file,
+    runtime_directory,
 )
 
 PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent", "NRestarts"]
@@ -106,7 +107,8 @@ def collect(name: str) -> AppStatus:
     wanted = app.wanted()
     units = sorted(set(wanted) | set(app.loaded()), key=instance_number)
     socket = show([app.socket], ["ActiveState", "Listen"])[0]
-    directory = RUNTIME_ROOT / app.name
+    # RUNTIME_ROOT / NAME for the system; a user manager's RuntimeDirectory= is below $XDG_RUNTIME_DIR.
+    directory = manager.current().runtime_dir / runtime_directory(app.name)
     rows = []
     for unit, props in zip(units, show(units, PROPS) if units else [], strict=True):
         pid = _int(props.get("MainPID"))

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("the app raised while it was imported")
         return EXIT_STARTUP
     # After the app: its import errors come first.
-    from unitgen_worker.lifecycle import RunState
+    from unitgen_worker.lifecycle import Metrics, RunState
     from unitgen_worker.recycle import Recycle
     from unitgen_worker.server import serve
 
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     lifespan = "auto" if interface == "asgi" else "off"
     runtime = runtime_directory_of_this_process()
     counters = counters_file(runtime, args.instance) if runtime else None
-    state = RunState()
+    state = RunState(metrics=Metrics() if args.metrics else None)
+    if successor is not None:  # the instance's swaps go on counting in this process
+        state.swaps, state.recycles = successor.swaps + 1, successor.recycles + successor.recycle
     if interface == "wsgi":
         state.threads = WatchThreads(app, args.threads)
         served = as_asgi(state.threads, interface, args.threads)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # threads are all taken (an ASGI app has no such limit of its own).
     capacity = args.max_concurrency or (args.threads if interface == "wsgi" else 0)
     code = serve(served, sockets, lifespan=lifespan, drain_timeout=args.drain_timeout, state=state,
-                 hung=HungRequests(args.request_timeout, state.running, state.threads),
+                 hung=HungRequests(args.request_timeout, state.threads),
                  board=open_board(runtime, args.instance), capacity=capacity, busy=busy, rebalance=args.rebalance,
                  counters_path=counters, successor=successor, instance=args.instance, runtime=runtime,
                  recycle=Recycle(args.max_requests, args.max_requests_jitter, args.memory_max))

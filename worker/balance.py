@@ -158,6 +158,11 @@ class Balancer:
         if not self._servers and not self.draining:
             self._want_switch()
 
+    def moving(self) -> bool:
+        """Whether some responses now ask their clients to move (connections_to_close());
+        looked at as each request starts, so that only those pay for the wrapper."""
+        return self.rebalance and len(self.connections) - self._closing > self.keep_limit
+
     def connections_to_close(self) -> bool:
         """True when this response should ask its client to reconnect elsewhere."""
         if not self.rebalance or len(self.connections) - self._closing <= self.keep_limit:

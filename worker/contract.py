@@ -25,11 +25,6 @@ DRAIN_TIMEOUT = 30  # seconds requests get after SIGTERM before connections are 
 STOP_MARGIN = 15
 WATCHDOG = 10  # WatchdogSec= by default
 QUIET = 0.5  # seconds with no request activity before a drain is over
-# Seconds over which a drain tells its keep-alive clients to reconnect (each at its own
-# moment), instead of all at once onto the siblings. 0: all at once. 1 s made p99
-# during `systemctl reload-or-restart` worse (over 1.5x steady on 252 and 257 in CI;
-# the drains hold the handover lock longer, three processes share two cores longer).
-DRAIN_SPREAD = 0.0
 FORCE_AFTER = 2.0  # seconds after closing connections at the drain timeout before exiting anyway
 STATUS_EVERY = 1.0  # seconds between STATUS= and counters file updates
 INSTANCE_SPECIFIER = "%i"  # in a unit file: systemd puts the instance number here

@@ -90,10 +90,14 @@ def note_early_sighup(signum: int, frame: object) -> None:
 
 
 class Successor:
-    """A process started by a reload: where it reports "ready"."""
+    """A process started by a reload: where it reports "ready", and the instance's swap
+    counts (contract.Counters) before this one; recycle: this one is a recycle."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, swaps: int = 0, recycles: int = 0, recycle: bool = False) -> None:
         self.control = control
+        self.swaps = swaps
+        self.recycles = recycles
+        self.recycle = recycle
 
 
 def adopt_sockets() -> tuple[list[socket.socket], Successor | None]:
@@ -119,7 +123,17 @@ def adopt_sockets() -> tuple[list[socket.socket], Successor | None]:
     if fields.get("watchdog"):  # for sd.watchdog_interval(): the timeout, now for this process
         os.environ["WATCHDOG_USEC"] = fields["watchdog"]
         os.environ.pop("WATCHDOG_PID", None)
-    return sockets, Successor(control)
+    swaps, recycles, recycle = _swap_counts(fields.get("swaps", ""))
+    return sockets, Successor(control, swaps, recycles, recycle)
+
+
+def _swap_counts(value: str) -> tuple[int, int, bool]:
+    """swaps,recycles,recycle from the variable: only counts, so a bad value is 0s."""
+    try:
+        swaps, recycles, recycle = (int(number) for number in value.split(","))
+    except ValueError:
+        return 0, 0, False
+    return max(swaps, 0), max(recycles, 0), recycle == 1
 
 
 async def become_main(successor: Successor) -> bool:
@@ -156,13 +170,15 @@ class Swap:
         self.directory = STARTED_IN
         self._lock: int | None = None  # held from the start until this process exits
 
-    async def run(self, asked: Callable[[], float], stopping: Callable[[], bool]) -> int | None:
+    async def run(self, asked: Callable[[], float], stopping: Callable[[], bool],
+                  counts: tuple[int, int, bool] = (0, 0, False)) -> int | None:
         """The new process's pid once it serves as the instance, or None (it failed, or
         stopping() turned true first, and this process serves on). Whatever goes wrong
         ends in _failed(): the new process stopped, READY=1, the failure written, the
         lock released. asked() is when the last SIGHUP came: the outcome answers every
         reload asked until it is written, also one asked while this swap ran (a roll
-        reaching an instance that is recycling itself)."""
+        reaching an instance that is recycling itself). counts: this process's swaps and
+        recycles, and whether this swap is a recycle, for the new process to go on from."""
         ours = new = None
         try:
             await self._take_lock()
@@ -171,7 +187,7 @@ class Swap:
             log.info("reloading: pid %d starts a new process for instance %s", os.getpid(), self.instance)
             ours, theirs = socket.socketpair()
             with theirs:
-                intermediate = self._start(theirs)
+                intermediate = self._start(theirs, counts)
             ours.setblocking(False)
             new, error = await self._until_ready(intermediate, ours)
             if not error and stopping():
@@ -209,9 +225,10 @@ class Swap:
         log.warning("reload refused: %s", why)
         self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked, error=why))
 
-    def _start(self, theirs: socket.socket) -> subprocess.Popen[bytes]:
+    def _start(self, theirs: socket.socket, counts: tuple[int, int, bool]) -> subprocess.Popen[bytes]:
         fds = [sock.fileno() for sock in self.sockets]
-        variable = f"fds={','.join(map(str, fds))} control={theirs.fileno()}"
+        swaps, recycles, recycle = counts
+        variable = f"fds={','.join(map(str, fds))} control={theirs.fileno()} swaps={swaps},{recycles},{int(recycle)}"
         if self.watchdog_usec:
             variable += f" watchdog={self.watchdog_usec}"
         # exec, not fork(): the app's threads make a bare fork unsafe. The same command

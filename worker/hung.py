@@ -21,7 +21,6 @@ stuck, or any client could make an instance recycle.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import sys
 import threading
@@ -96,19 +95,31 @@ class WatchThreads:
         return len(self.running)
 
 
-# An ASGI request in flight: when it started, the task running it, its scope. A tuple,
-# not a Running: one is made for every request, and a tuple costs a sixth of it.
-AsgiRequest = tuple[float, "asyncio.Task[Any] | None", dict]
-
-
 class HungRequests:
-    """Looks at the running requests; check() says whether the instance must recycle."""
+    """Looks at the running requests; check() says whether the instance must recycle.
 
-    def __init__(self, timeout: float, asgi_running: dict[int, AsgiRequest], threads: WatchThreads | None) -> None:
+    A WSGI app's requests are recorded by the threads that run them (WatchThreads). An
+    ASGI app's are uvicorn's own tasks (server_state.tasks, set as asgi_tasks once the
+    server exists), looked at every WATCH_EVERY: a task is timed from the first look
+    that sees it, so a request is reported at most one look late, and nothing is
+    recorded per request (that cost every request a few %; bench/overhead.md).
+    """
+
+    def __init__(self, timeout: float, threads: WatchThreads | None) -> None:
         self.timeout = timeout
-        self.asgi_running = asgi_running
         self.threads = threads
-        self._reported: set[int] = set()  # ASGI requests logged already (keys of asgi_running)
+        self.asgi_tasks: Iterable[asyncio.Task[Any]] = ()
+        self._seen: dict[asyncio.Task[Any], float] = {}  # ASGI task -> first seen (CLOCK_MONOTONIC)
+        self._reported: set[asyncio.Task[Any]] = set()
+
+    def _look_at_tasks(self, now: float) -> None:
+        running = set(self.asgi_tasks)
+        seen = self._seen
+        for task in [task for task in seen if task not in running]:
+            del seen[task]
+        for task in running:
+            seen.setdefault(task, now)
+        self._reported.intersection_update(running)
 
     def stuck(self) -> int:
         """Requests (WSGI: threads) running for longer than the timeout."""
@@ -116,7 +127,7 @@ class HungRequests:
             return 0
         deadline = time.monotonic() - self.timeout
         if self.threads is None:
-            return sum(1 for started, _, _ in list(self.asgi_running.values()) if started < deadline)
+            return sum(1 for started in self._seen.values() if started < deadline)
         return sum(1 for request in list(self.threads.running.values()) if request.stuck_since(deadline))
 
     def running_unstuck(self) -> int:
@@ -128,11 +139,11 @@ class HungRequests:
             return False
         now = time.monotonic()
         if self.threads is None:
-            running = list(self.asgi_running.items())
-            self._reported.intersection_update(key for key, _ in running)
-            for key, (started, task, scope) in running:
-                if key not in self._reported and now - started > self.timeout:
-                    self._reported.add(key)
+            self._look_at_tasks(now)
+            for task, started in self._seen.items():
+                if task not in self._reported and now - started > self.timeout:
+                    self._reported.add(task)
+                    scope = _task_scope(task)
                     what = f"{ascii(scope.get('method', 'WEBSOCKET'))} {ascii(scope.get('path'))}"
                     log.error("request %s has run for %.0f s (--request-timeout %g); its task:\n%s",
                               what, now - started, self.timeout, _task_stack(task))
@@ -175,9 +186,25 @@ class _TimedInput:
             yield line
 
 
-def _task_stack(task: asyncio.Task[Any] | None) -> str:
-    if task is None:
-        return "(unknown)"
-    out = io.StringIO()
-    task.print_stack(file=out)
-    return out.getvalue().rstrip()
+def _task_scope(task: asyncio.Task[Any]) -> dict:
+    """The ASGI scope of the request a uvicorn task runs: the task runs the coroutine
+    run_asgi() of the request's cycle (HTTP) or protocol (WebSocket), which holds it as
+    self.scope, from 0.17.6 on. {} when it cannot be found."""
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    scope = getattr(frame.f_locals.get("self"), "scope", None) if frame is not None else None
+    return scope if isinstance(scope, dict) else {}
+
+
+def _task_stack(task: asyncio.Task[Any]) -> str:
+    """Where the task waits: its coroutine and every coroutine it awaits, down to the
+    innermost (Task.print_stack() shows only the outermost, uvicorn's run_asgi())."""
+    frames = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(frames) < 100:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            frames.append((frame, frame.f_lineno))
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    if not frames:
+        return "(no stack: the task is not waiting in a coroutine)"
+    return "".join(traceback.format_list(traceback.StackSummary.extract(frames))).rstrip()

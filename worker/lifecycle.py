@@ -8,6 +8,7 @@ loop. The drain itself is one sequence, WorkerServer.shutdown() in server.py.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import time
@@ -17,14 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unitgen_worker.contract import DRAIN_SPREAD, FORCE_AFTER, QUIET, STATUS_EVERY, Counters
-from unitgen_worker.hung import AsgiRequest, WatchThreads
+from unitgen_worker.contract import DURATION_BUCKETS, FORCE_AFTER, QUIET, STATUS_CLASSES, STATUS_EVERY, Counters
+from unitgen_worker.hung import WatchThreads
 from unitgen_worker.sd import notify
 
 if TYPE_CHECKING:
     from unitgen_worker.balance import Balancer
 
-__all__ = ["FORCE_AFTER", "QUIET", "RunState", "TrackRequests", "ping"]
+__all__ = ["FORCE_AFTER", "QUIET", "MeasureRequests", "Metrics", "RunState", "TrackRequests", "ping"]
 log = logging.getLogger("unitgen.worker")
 
 
@@ -35,20 +36,24 @@ class RunState:
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     served: int = 0
     in_flight: int = 0
-    last_activity: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)  # as last seen by quiet()
     draining: bool = False
     drain_began: float = 0.0  # CLOCK_MONOTONIC
     recycling: bool = False  # every thread stuck: drain what is not, then exit EXIT_RECYCLE
-    running: dict[int, AsgiRequest] = field(default_factory=dict)  # ASGI requests in flight, by number
-    started_requests: int = 0  # numbers them: a key is never reused, as an id() could be
     balancer: Balancer | None = None  # from startup on
     threads: WatchThreads | None = None  # WSGI apps
+    swaps: int = 0  # taken over from the process this one replaced (handover.py)
+    recycles: int = 0
+    metrics: Metrics | None = None  # --metrics
+    _served_seen: int = -1  # served when quiet() last looked
 
     def counters(self) -> Counters:
-        threads = self.threads
+        threads, metrics = self.threads, self.metrics
         return Counters(pid=os.getpid(), requests=self.served, in_flight=self.in_flight, draining=self.draining,
                         connections=self.balancer.open_connections() if self.balancer else 0,
-                        busy=threads.busy() if threads else 0, threads=threads.threads if threads else 0)
+                        busy=threads.busy() if threads else 0, threads=threads.threads if threads else 0,
+                        swaps=self.swaps, recycles=self.recycles,
+                        **(metrics.counters() if metrics is not None else {}))
 
     def status(self) -> str:
         """STATUS= for people; tools read the counters file (contract.Counters)."""
@@ -56,55 +61,61 @@ class RunState:
 
     def begin_drain(self) -> None:
         self.draining = True
-        # Requests end without a look at the clock until now (TrackRequests): the drain
-        # waits QUIET from here at least, for a keep-alive client's next request.
         self.drain_began = self.last_activity = time.monotonic()
-
-    def tells_to_close(self, client: Any) -> bool:
-        """Whether a response to this client (ASGI scope["client"]) now says
-        `Connection: close`: while draining, from a moment of its own within DRAIN_SPREAD
-        of the drain's start, so that the clients of a drained process do not all come
-        back to the siblings (or its new process, cold) in the same millisecond."""
-        if not self.draining:
-            return False
-        port = client[1] if isinstance(client, (list, tuple)) and len(client) == 2 and isinstance(client[1], int) else 0
-        return time.monotonic() - self.drain_began >= DRAIN_SPREAD * (port * 2654435761 % 1000) / 1000
 
     def in_flight_now(self) -> int:
         return self.in_flight
 
     def quiet(self) -> bool:
-        """Nothing in flight and nothing has happened for QUIET seconds, counted from the
-        end of DRAIN_SPREAD at the earliest: a keep-alive client is told to close at its
-        moment in the spread, and may send its next request up to QUIET after it. With
-        no connection open, nobody is left to tell."""
-        since = self.last_activity
-        if self.draining and self.balancer is not None and self.balancer.open_connections():
-            since = max(since, self.drain_began + DRAIN_SPREAD)
-        return self.in_flight == 0 and time.monotonic() - since >= QUIET
+        """Nothing in flight and no request ended for QUIET seconds: a keep-alive client
+        told to close may send its next request up to QUIET after its last response.
+        Requests are not timed as they run (that costs every request; bench/overhead.md):
+        the drain polls this, and a request that ended since the last look counts as
+        activity now, which is later than it was, never sooner."""
+        now = time.monotonic()
+        if self.in_flight or self.served != self._served_seen:
+            self._served_seen = self.served
+            self.last_activity = now
+        return not self.in_flight and now - self.last_activity >= QUIET
+
+
+class Metrics:
+    """--metrics: HTTP responses by status class and a duration histogram (contract)."""
+
+    def __init__(self) -> None:
+        self.responses = [0] * len(STATUS_CLASSES)
+        self.unanswered = 0
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+
+    def counters(self) -> dict[str, Any]:
+        return {"responses": tuple(self.responses), "unanswered": self.unanswered,
+                "durations": tuple(self.durations), "duration_sum": self.duration_sum}
 
 
 class TrackRequests:
-    """ASGI middleware: counts requests, tells the balancer, and adds `Connection: close`
-    while draining or when the balancer moves this client to a sibling."""
+    """ASGI middleware: counts requests and tells the balancer; a response whose client
+    the balancer moves to a sibling says `Connection: close`.
 
-    def __init__(self, app: Any, state: RunState, watch: bool = True) -> None:
+    It runs for every request, so it does only what must be done per request (bench/
+    overhead.md): the drain's `Connection: close` is one of uvicorn's default headers
+    (WorkerServer.begin_drain), and stuck requests are found among uvicorn's tasks
+    (hung.py), neither at a cost to each request.
+    """
+
+    def __init__(self, app: Any, state: RunState) -> None:
         self.app = app
         self.state = state
-        self.watch = watch  # keep ASGI requests for the --request-timeout watcher
 
-    def _closing(self, scope: dict, send: Any) -> Callable[[dict], Awaitable[None]]:
-        state, balancer = self.state, self.state.balancer
-
+    @staticmethod
+    def _moving(send: Any, balancer: Balancer) -> Callable[[dict], Awaitable[None]]:
         # Not a coroutine: it returns uvicorn's send() awaitable itself.
-        def send_closing(message: dict) -> Awaitable[None]:
-            if message["type"] == "http.response.start" and (
-                    state.tells_to_close(scope.get("client"))
-                    or (balancer is not None and balancer.connections_to_close())):
+        def send_moving(message: dict) -> Awaitable[None]:
+            if message["type"] == "http.response.start" and balancer.connections_to_close():
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
             return send(message)
-        return send_closing
+        return send_moving
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -112,36 +123,52 @@ class TrackRequests:
             return
         state = self.state
         balancer = state.balancer
-        # Every response goes through the wrapper, even though it costs a few % of a
-        # hello-world app's throughput (bench/overhead.md): a drain can begin while a
-        # request runs, and its response must then say `Connection: close`, or the
-        # client could send its next request as the connection is closed.
-        send = self._closing(scope, send)
-
-        # An ASGI app's requests are watched for --request-timeout here; a WSGI app's by
-        # the thread that runs each (hung.WatchThreads).
-        # Skipped when --request-timeout is 0, as is all that is not needed: this runs
-        # for every request (bench/ holds one instance to within a few % of bare uvicorn).
-        watched = state.threads is None and self.watch
-        now = time.monotonic()
-        if watched:
-            key = state.started_requests = state.started_requests + 1
-            state.running[key] = (now, asyncio.current_task(), scope)
-        state.in_flight += 1
-        state.last_activity = now
         if balancer is not None:
+            if balancer.moving():
+                send = self._moving(send, balancer)
             balancer.request_started()
+        state.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             state.in_flight -= 1
             state.served += 1
-            if state.draining:
-                state.last_activity = time.monotonic()
-            if watched:
-                del state.running[key]
             if balancer is not None:
                 balancer.request_ended()
+
+
+class MeasureRequests:
+    """ASGI middleware for --metrics: each HTTP response's status class and duration.
+    Outside TrackRequests, so a request's time includes the worker's own part."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        def send_measured(message: dict) -> Awaitable[None]:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message.get("status", 0)
+            return send(message)
+
+        began = time.monotonic()
+        try:
+            await self.app(scope, receive, send_measured)
+        finally:
+            took = time.monotonic() - began
+            metrics = self.metrics
+            metrics.durations[bisect.bisect_left(DURATION_BUCKETS, took)] += 1
+            metrics.duration_sum += took
+            if 100 <= status < 600:
+                metrics.responses[status // 100 - 1] += 1
+            else:
+                metrics.unanswered += 1
 
 
 async def ping(state: RunState, watchdog_interval: float | None, counters_path: Path | None = None) -> None:

@@ -5,10 +5,10 @@ The drain is WorkerServer.shutdown(): one sequence, read top to bottom like uvic
 own Server.shutdown(), which is its last step:
 1. STOPPING=1, and close this process's copy of the listening sockets: systemd and the
    sibling instances keep theirs, so new connections go to them;
-2. answer every request from then on with `Connection: close` (DRAIN_SPREAD can spread
-   that over a moment per client; 0 by default), so each client moves to a sibling
-   after its next response instead of finding its connection closed while its next
-   request is on the wire;
+2. answer every request from then on with `Connection: close` (one of uvicorn's default
+   headers from then on, so also the responses of requests already in flight), so each
+   client moves to a sibling after its next response instead of finding its connection
+   closed while its next request is on the wire;
 3. send every open WebSocket a close frame (1012, wsclose.py), so its client reconnects
    to a sibling now; wait until nothing is in flight and nothing has happened for QUIET
    seconds, at most the drain timeout; at the timeout, close the connections left;
@@ -55,7 +55,7 @@ from unitgen_worker.board import Board
 from unitgen_worker.contract import EXIT_RECYCLE, EXIT_STARTUP
 from unitgen_worker.handover import EARLY_SIGHUP, Successor, Swap, become_main
 from unitgen_worker.hung import HungRequests
-from unitgen_worker.lifecycle import FORCE_AFTER, RunState, TrackRequests, ping
+from unitgen_worker.lifecycle import FORCE_AFTER, MeasureRequests, RunState, TrackRequests, ping
 from unitgen_worker.recycle import Recycle
 from unitgen_worker.sd import notify, watchdog_interval
 from unitgen_worker.wsclose import close_websockets
@@ -92,6 +92,31 @@ class WorkerServer(uvicorn.Server):
         self.recycle = recycle or Recycle()
         self.recycling_swap = False  # the swap asked for is a recycle, not a reload
         self.swapping = False  # from the swap's start to its outcome
+        hung.asgi_tasks = self.server_state.tasks  # uvicorn's task for each request in flight
+        # uvicorn's default headers (Date), one list for the life of the process: see on_tick().
+        self.default_headers = self.server_state.default_headers
+        self.drain_headers: list[tuple[bytes, bytes]] = []
+
+    async def on_tick(self, counter: int) -> bool:
+        # Every second uvicorn puts a new list of default headers in server_state; a
+        # connection's protocol keeps the list it was made with (0.17.6) or its request
+        # cycle takes the one of the moment (later). Copied into one list, kept for the
+        # life of the process, so that the header the drain adds reaches every response
+        # started after it, on every open connection, in flight or not, on every uvicorn
+        # version, at no cost to each request. No await in between: nothing can read the
+        # new list before it is replaced.
+        should_exit = await super().on_tick(counter)
+        fresh = self.server_state.default_headers
+        if fresh is not self.default_headers:
+            self.default_headers[:] = [*fresh, *self.drain_headers]
+            self.server_state.default_headers = self.default_headers
+        return should_exit
+
+    def _tell_clients_to_close(self) -> None:
+        """From now on every response says `Connection: close` (uvicorn then closes the
+        connection after it, and its client reconnects, to a sibling)."""
+        self.drain_headers = [(b"connection", b"close")]
+        self.default_headers.extend(self.drain_headers)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Only flags: main_loop() sees should_exit and returns, then shutdown() drains.
@@ -172,7 +197,8 @@ class WorkerServer(uvicorn.Server):
             recycling = self.recycling_swap
             self.swapping = True
             try:
-                new = await swap.run(lambda: self.asked_at, lambda: self.should_exit)
+                new = await swap.run(lambda: self.asked_at, lambda: self.should_exit,
+                                     (self.state.swaps, self.state.recycles, recycling))
             finally:
                 self.swapping = False
             self.swap_asked.clear()  # a SIGHUP during the swap: its outcome answered it
@@ -226,6 +252,7 @@ class WorkerServer(uvicorn.Server):
             return
         state = self.state
         state.begin_drain()  # before STOPPING=1, whose STATUS= says "draining"
+        self._tell_clients_to_close()
         if self.swapper is not None and self.handed_to is None:
             self.swapper.cancel()  # a swap under way: its new process is stopped
             with contextlib.suppress(asyncio.CancelledError):
@@ -322,8 +349,9 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
           counters_path: Path | None = None, successor: Successor | None = None, instance: str = "0",
           runtime: Path | None = None, recycle: Recycle | None = None) -> int:
     """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
+    tracked = TrackRequests(app, state)
     config = uvicorn.Config(
-        TrackRequests(app, state, watch=bool(hung.timeout)),
+        MeasureRequests(tracked, state.metrics) if state.metrics is not None else tracked,
         lifespan=lifespan,
         log_config=None,  # journald already stamps and tags every line
         # Set, or uvicorn.error keeps level NOTSET, and uvicorn 0.17.6 (Debian 12) then

@@ -12,6 +12,7 @@ import unicodedata
 from hypothesis import strategies as st
 
 from unitgen.cli import build_parser
+from unitgen.manager import MANAGERS
 from unitgen.spec import HARDENING, INTERFACES, RESERVED_NAMES, ROOT_UNSAFE_ENV
 
 PARSER = build_parser()
@@ -98,6 +99,7 @@ VALID = {
                                   fullmatch=True),
     "--writable": st.lists(SAFE_PATH, max_size=3),
     "--hardening": st.sampled_from(HARDENING),
+    "--manager": st.sampled_from(MANAGERS),
     "--allow": st.lists(CIDR, max_size=3),
     "--deny": st.lists(CIDR, max_size=3),
     "--helper-python": SAFE_PROGRAM.map(lambda p: InScratch("helper/" + p)),
@@ -181,6 +183,7 @@ FUZZ = {
     ),
     "--writable": st.lists(mix(HOSTILE_PATH, SAFE_PATH), min_size=1, max_size=3),
     "--hardening": mix(st.sampled_from(HARDENING), st.sampled_from(["Strict", " relaxed", "none", "strict\n"])),
+    "--manager": mix(st.sampled_from(MANAGERS), st.sampled_from(["User", " user", "system\n", "root", ""])),
     "--allow": st.lists(mix(_CIDR, CIDR), min_size=1, max_size=3),
     "--deny": st.lists(mix(_CIDR, CIDR), min_size=1, max_size=3),
     "--helper-python": mix(_PROGRAM.map(lambda r: InScratch("helper/" + r))),
@@ -201,7 +204,7 @@ _FIELDS = {
     "hardening": "--hardening", "allow": "--allow", "deny": "--deny", "helper_python": "--helper-python",
     "helper_script": "--helper-script", "threads": "--threads", "max_concurrency": "--max-concurrency",
     "request_timeout": "--request-timeout", "max_requests": "--max-requests",
-    "max_requests_jitter": "--max-requests-jitter", "memory_max": "--memory-max",
+    "max_requests_jitter": "--max-requests-jitter", "memory_max": "--memory-max", "manager": "--manager",
     "metrics_listen": "--metrics-listen",
 }
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | ANY,
@@ -287,6 +290,7 @@ SINK = {
     "--on-failure": "alert@%n.service",
     "--writable": ["/srv/50% off/$x \"q\" 'q'", "/var/lib/a b#c;d"],
     "--hardening": "relaxed",
+    "--manager": "system",  # "user" refuses --user, --on-failure, --allow and --deny above
     "--allow": ["10.0.0.0/8", "::1", "localhost"],
     "--deny": ["any"],
     "--helper-python": InScratch("helper/50% #;é/python3"),

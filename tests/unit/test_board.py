@@ -121,7 +121,7 @@ def test_threads_stuck_past_the_timeout_are_logged_with_their_stack_and_recycle(
         return [b"ok"]
 
     watch = WatchThreads(app, threads=2)
-    hung = HungRequests(0.2, {}, watch)
+    hung = HungRequests(0.2, watch)
 
     def call(path):
         list(watch({"REQUEST_METHOD": "GET", "PATH_INFO": path}, lambda *a: None))
@@ -150,7 +150,7 @@ def test_a_request_timeout_of_zero_never_reports():
     watch = WatchThreads(lambda environ, start_response: [], threads=1)
     running = watch.running[1] = Running("GET", "/")
     running.started = running.since = 0.0  # running since boot
-    assert HungRequests(0, {}, watch).stuck() == 0 and not HungRequests(0, {}, watch).check()
+    assert HungRequests(0, watch).stuck() == 0 and not HungRequests(0, watch).check()
 
 
 def test_time_waiting_for_the_client_is_not_the_apps():
@@ -166,7 +166,7 @@ def test_time_waiting_for_the_client_is_not_the_apps():
         yield b"b"
 
     watch = WatchThreads(app, threads=1)
-    hung = HungRequests(0.2, {}, watch)
+    hung = HungRequests(0.2, watch)
     chunks = iter(watch({"REQUEST_METHOD": "POST", "PATH_INFO": "/up", "wsgi.input": SlowClient()}, lambda *a: None))
     reading = threading.Thread(target=lambda: next(chunks))
     reading.start()

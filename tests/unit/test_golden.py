@@ -29,6 +29,10 @@ CASES = {
     ],
     "relaxed": ["--app", "home.app:app", "--cores", "1", "--workdir", "/home/dev/app", "--hardening", "relaxed",
                 "--allow", "127.0.0.1"],
+    # `unitgen install --user`: a user's own systemd (tests/unit/test_user_units.py verifies it with --user).
+    "user": ["--app", "mine.web:app", "--name", "mine", "--cores", "2", "--workdir", "/home/dev/mine",
+             "--manager", "user", "--listen", "8080", "--listen", "/run/user/1000/mine.sock",
+             "--env", "MODE=50% $HOME", "--memory-max", "256M", "--writable", "/home/dev/mine/data"],
 }
 
 

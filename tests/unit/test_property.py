@@ -88,11 +88,22 @@ def dynamic_user(name: str) -> str:
     return "unitgen-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
+def _user_sandbox(spec: AppSpec) -> list[tuple[str, str]]:
+    """What a user manager can apply (tests/e2e/test_user_units.py, units/service.j2)."""
+    return [("NoNewPrivileges", "yes"), ("UMask", "0027"), ("RestrictRealtime", "yes"), ("RestrictSUIDSGID", "yes"),
+            ("LockPersonality", "yes"), ("KeyringMode", "private"),
+            ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+            *([("RestrictNamespaces", "yes"), ("MemoryDenyWriteExecute", "yes"),
+               ("SystemCallArchitectures", "native"), ("SystemCallFilter", "@system-service"),
+               ("SystemCallFilter", "~@privileged @resources")] if spec.hardening == "strict" else [])]
+
+
 def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
     """Every directive of each unit: (section, key, decoder, value after decoding)."""
     name, table = spec.name, instance_table(spec.name)
     me = f"{name}@{INSTANCE}.service"
     on_failure = specifiers(spec.on_failure, table) if spec.on_failure else None
+    user_manager = spec.manager == "user"
     service = [
         ("Unit", "Description", raw, f"{name} worker %i (unitgen)"),
         ("Unit", "PartOf", raw, f"{name}.target"),
@@ -103,7 +114,7 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
         ("Service", "Environment", env_words, [f"UNITGEN_INSTANCE={INSTANCE}"]),
         *[("Service", "Environment", env_words, [f"{key}={value}"]) for key, value in spec.env],
         ("Service", "WorkingDirectory", rest_of_line, spec.workdir),
-        *([("Service", "User", rest_of_line, spec.user)] if spec.user else
+        *([] if user_manager else [("Service", "User", rest_of_line, spec.user)] if spec.user else
           [("Service", "DynamicUser", raw, "yes"), ("Service", "User", rest_of_line, dynamic_user(name))]),
         ("Service", "RuntimeDirectory", raw, f"unitgen/{name}"),
         ("Service", "RuntimeDirectoryPreserve", raw, "yes"),
@@ -135,7 +146,7 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
         ("Service", "TimeoutStartSec", raw, "122"),
         ("Service", "TimeoutStopSec", raw, str(spec.drain_timeout + 15)),
         ("Service", "KillMode", raw, "mixed"),
-        *[("Service", key, raw, value) for key, value in [
+        *[("Service", key, raw, value) for key, value in (_user_sandbox(spec) if user_manager else [
             ("NoNewPrivileges", "yes"), ("CapabilityBoundingSet", ""), ("AmbientCapabilities", ""),
             ("UMask", "0027"), ("PrivateTmp", "yes"), ("PrivateMounts", "yes"),
             ("ProtectHome", "read-only" if any(map(_under_home, (spec.workdir, spec.python, *spec.writable)))
@@ -149,8 +160,8 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
                ("SystemCallArchitectures", "native"), ("SystemCallFilter", "@system-service"),
                ("SystemCallFilter", "~@privileged @resources")]
               if spec.hardening == "strict" else [("ProtectSystem", "full")]),
-        ]],
-        *[("Service", "ReadWritePaths", path_words, [path]) for path in spec.writable],
+        ])],
+        *[("Service", "ReadWritePaths", path_words, [path]) for path in ([] if user_manager else spec.writable)],
     ]
     socket = [
         ("Unit", "Description", raw, f"{name} listening socket (unitgen)"),
@@ -167,7 +178,7 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
     target = [
         ("Unit", "Description", raw, f"{name}: {n} instance{'s' if n != 1 else ''} of {spec.app} (unitgen)"),
         ("Unit", "Wants", raw, " ".join(f"{name}@{i}.service" for i in range(n))),
-        ("Install", "WantedBy", raw, "multi-user.target"),
+        ("Install", "WantedBy", raw, "default.target" if user_manager else "multi-user.target"),
     ]
     units = {f"{name}.socket": socket, f"{name}@.service": service, f"{name}.target": target}
     if spec.metrics_listen is not None:
@@ -464,6 +475,7 @@ def check_fidelity(values: dict, spec: AppSpec) -> None:
     assert [_network(c) for c in spec.deny] == [_network(c) for c in v.get("--deny", [])]
     assert spec.helper_python == v.get("--helper-python", sys.executable)
     assert spec.helper_script == v.get("--helper-script", DEFAULT_HELPER_SCRIPT)
+    assert spec.manager == v.get("--manager", "system")
     assert (_address(spec.metrics_listen) if spec.metrics_listen else None) == (
         _address(v["--metrics-listen"]) if "--metrics-listen" in v else None)
 

@@ -71,3 +71,10 @@ def test_shares_are_of_the_instances_that_report_and_busy_threads_show_for_wsgi(
                                 "IN-FLIGHT", "BUSY", "NOTE"]
     assert lines[2].split()[6:12] == ["300", "(75%)", "16", "(25%)", "0", "3/10"]
     assert lines[4].split()[6:] == ["-", "-", "0", "-"]
+
+
+def test_a_property_with_several_values_keeps_every_one():
+    # systemctl show prints one Listen= line per address; status lists them all.
+    from unitgen.state import _properties
+    props = _properties("Listen=127.0.0.1:8080 (Stream)\nListen=/run/user/1000/a.sock (Stream)\nActiveState=active")
+    assert props == {"Listen": "127.0.0.1:8080 (Stream) /run/user/1000/a.sock (Stream)", "ActiveState": "active"}

@@ -193,25 +193,62 @@ def test_recycle_is_due_at_the_request_limit_plus_jitter_or_over_the_memory_limi
     assert 5 << 20 < resident_bytes() < 2 << 30  # this interpreter's own, from /proc
 
 
-def test_a_drain_is_quiet_no_sooner_than_its_spread_and_quiet_after_it():
-    from unitgen_worker.contract import DRAIN_SPREAD, QUIET
+def test_a_drain_is_quiet_after_quiet_seconds_with_nothing_in_flight_and_no_request_ended():
+    from unitgen_worker.contract import QUIET
     from unitgen_worker.lifecycle import RunState
 
-    class Open:  # one connection still open
-        def open_connections(self):
-            return 1
-
-    state = RunState(balancer=Open())
+    state = RunState()
     state.begin_drain()
-    began = state.drain_began
-    state.drain_began = began - DRAIN_SPREAD - QUIET + 0.2  # not yet
-    state.last_activity = state.drain_began
-    assert not state.quiet()
-    state.drain_began = began - DRAIN_SPREAD - QUIET - 0.01
-    state.last_activity = state.drain_began
+    assert not state.quiet()  # the drain just began
+    state.last_activity -= QUIET + 0.01
+    state._served_seen = state.served
     assert state.quiet()
-    state.last_activity = began  # a request just ended
+    state.served += 1  # a request ended since the last look: activity now
     assert not state.quiet()
+    state.last_activity -= QUIET + 0.01
+    state.in_flight = 1  # one runs
+    assert not state.quiet()
+    state.in_flight = 0
+    state.last_activity -= QUIET + 0.01
+    assert state.quiet()
+
+
+def test_metrics_count_status_classes_and_durations_and_the_counters_file_takes_them():
+    import asyncio
+
+    from unitgen_worker.contract import DURATION_BUCKETS, Counters
+    from unitgen_worker.lifecycle import MeasureRequests, Metrics, RunState
+
+    async def app(scope, receive, send):
+        path = scope["path"]
+        if path == "/raise":
+            raise RuntimeError("boom")
+        if path == "/slow":
+            await asyncio.sleep(0.03)
+        await send({"type": "http.response.start", "status": int(scope["query_string"] or 200)})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def nothing(message):
+        return None
+
+    metrics = Metrics()
+    measured = MeasureRequests(app, metrics)
+
+    async def run():
+        for path, query in (("/", b""), ("/", b"404"), ("/", b"503"), ("/slow", b"201"), ("/", b"101")):
+            await measured({"type": "http", "path": path, "query_string": query}, None, nothing)
+        with pytest.raises(RuntimeError):
+            await measured({"type": "http", "path": "/raise", "query_string": b""}, None, nothing)
+
+    asyncio.run(run())
+    assert metrics.responses == [1, 2, 0, 1, 1] and metrics.unanswered == 1
+    assert sum(metrics.durations) == 6 and len(metrics.durations) == len(DURATION_BUCKETS) + 1
+    assert metrics.durations[0] == 5  # all but the slow one within 5 ms
+    assert metrics.durations[DURATION_BUCKETS.index(0.05)] == 1  # 30 ms: in the 50 ms bucket
+    assert 0.03 <= metrics.duration_sum < 1
+    counters = RunState(metrics=metrics, swaps=3, recycles=1).counters()
+    again = Counters.from_json(counters.to_json())
+    assert again == counters and again.responses == (1, 2, 0, 1, 1) and again.swaps == 3
 
 
 def test_memory_recycling_is_off_where_two_fresh_processes_do_not_fit():
