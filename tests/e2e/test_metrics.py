@@ -121,7 +121,9 @@ def test_a_scrape_under_load_adds_up_to_what_wrk_and_systemd_say(box, deploy):
               f"{int(b['CPUUsageNSec']) / 1e9:.3f} s")
         assert per_instance(scraped, "unitgen_main_pid")[instance] == int(a["MainPID"]) == pids[instance]
         assert per_instance(scraped, "unitgen_restarts_total")[instance] == int(a["NRestarts"])
-        assert per_instance(scraped, "unitgen_state", state=a["ActiveState"], sub_state=a["SubState"]) == {instance: 1}
+        state = {(labels["state"], labels["sub_state"]) for labels in map(dict, scraped["unitgen_state"])
+                 if labels["instance"] == instance}
+        assert state == {(a["ActiveState"], a["SubState"])}
 
 
 def test_durations_land_in_their_buckets(box, deploy):
