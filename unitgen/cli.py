@@ -37,6 +37,7 @@ from unitgen.spec import (
     parse_hardening,
     parse_interface,
     parse_listens,
+    parse_metrics_listen,
     parse_name,
     parse_path,
     parse_recycling,
@@ -88,6 +89,8 @@ def spec_from_args(args: argparse.Namespace) -> AppSpec:
         hardening=parse_hardening(args.hardening),
         allow=tuple(parse_cidr("--allow", value) for value in args.allow),
         deny=tuple(parse_cidr("--deny", value) for value in args.deny),
+        metrics_listen=(parse_metrics_listen(args.metrics_listen, listen, args.user)
+                        if args.metrics_listen is not None else None),
         helper_python=parse_executable("--helper-python", sys.executable if args.helper_python is None
                                        else args.helper_python),
         helper_script=parse_executable("--helper-script", str(Path(alert.__file__).resolve())
@@ -285,6 +288,9 @@ def build_parser(*, render_defaults: dict[str, object] | None = None) -> argpars
                         help="serve only clients from this address or network; repeatable")
     render.add_argument("--deny", action="append", default=[], metavar="CIDR",
                         help="refuse clients from this address or network; repeatable")
+    render.add_argument("--metrics-listen", metavar="ADDR",
+                        help="serve Prometheus metrics of every instance here ([HOST:]PORT, [IPV6]:PORT or "
+                             "/path.sock; not one of --listen), from a socket unit of their own (default: off)")
     render.add_argument("--helper-python", metavar="PATH",
                         help="root-owned interpreter (no virtualenv) that runs the --on-failure alert helper as root "
                              "(default: the one running unitgen)")

@@ -82,6 +82,7 @@ KEYS = {
     "manager": Key(TEXT, "manager", "--manager"),
     "allow": Key(LIST, "allow", "--allow"),
     "deny": Key(LIST, "deny", "--deny"),
+    "metrics-listen": Key(TEXT, "metrics_listen", "--metrics-listen"),
     "helper-python": Key(PATH, "helper_python", "--helper-python"),
     "helper-script": Key(PATH, "helper_script", "--helper-script"),
 }

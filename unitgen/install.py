@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from unitgen import manager
-from unitgen.errors import die
-from unitgen.render import MARKER, check_files, parse_bundle, render_units, spec_file, unit_names
+from unitgen.errors import Die, die
+from unitgen.render import MARKER, check_files, metrics_units, parse_bundle, render_units, spec_file, unit_names
 from unitgen.run import run, systemctl
 from unitgen.spec import AppSpec, check_manager, parse_name
 from unitgen.trust import helper_problem, writable_by_others
@@ -75,15 +75,17 @@ def unit_search_path() -> list[Path]:
     return [Path(p) for p in (paths or fallback)]
 
 
-def foreign_units(name: str) -> list[Path]:
+def foreign_units(name: str, *, metrics: bool = False) -> list[Path]:
     """Every unit file of name's units anywhere in systemd's search path that install
     did not write: NAME.socket/.target/.service, NAME@.service and NAME@N.service.
-    unitgen writes only the first three of its own, and only to unit_dir()."""
+    unitgen writes only the first three of its own, and only to unit_dir(); with metrics,
+    NAME-metrics.socket and NAME-metrics.service as well."""
     socket, service, target = unit_names(name)
-    ours = {socket, service, target}
+    extra = metrics_units(name) if metrics else ()
+    ours = {socket, service, target, *extra}
     found = []
     for directory in unit_search_path():
-        for pattern in (socket, target, f"{name}.service", service, instances_pattern(name)):
+        for pattern in (socket, target, f"{name}.service", service, instances_pattern(name), *extra):
             for path in sorted(directory.glob(pattern)) if directory.is_dir() else []:
                 if not (directory == unit_dir() and path.name in ours and is_ours(path)):
                     found.append(path)
@@ -103,7 +105,16 @@ def installed_spec(name: str) -> AppSpec | None:
 
 def check_target(spec: AppSpec, *, replace: bool) -> None:
     """Refuse to touch what is not this app's: system units, another app's units."""
-    foreign = foreign_units(spec.name)
+    # App "x" writes x-metrics.socket/.service: never over app "x-metrics"'s units, nor
+    # the other way round (both are unitgen's, so the marker does not tell them apart).
+    if spec.metrics_listen is not None and (unit_dir() / unit_names(f"{spec.name}-metrics")[2]).exists():
+        die(f"an app named {spec.name}-metrics is installed; {spec.name}'s metrics units would take its names",
+            hint="choose another --name, or uninstall that app first")
+    base = spec.name.removesuffix("-metrics")
+    if base != spec.name and (other := installed_spec(base)) and other.metrics_listen is not None:
+        die(f"{base!r} is installed with --metrics-listen, whose units are named {spec.name}-metrics",
+            hint="choose another --name")
+    foreign = foreign_units(spec.name, metrics=spec.metrics_listen is not None)
     if foreign:
         die(f"{foreign[0]} exists and was not written by unitgen; {spec.name!r} would shadow or clash with it",
             hint="choose another --name")
@@ -227,10 +238,16 @@ def install(source: str, *, start: bool, replace: bool = False) -> str:
     spec, units = for_this_manager(*read_files(source))
     check_target(spec, replace=replace)
     verify(units)
-    socket, _, target = units
+    socket, _, target = unit_names(spec.name)
+    previous = installed_spec(spec.name)
+    if previous is not None and previous.metrics_listen is not None:
+        # The exporter holds its socket's old address: both stop, to start anew below.
+        stop_metrics(spec.name, remove=spec.metrics_listen is None)
     save(units, spec)
     systemctl("daemon-reload")
     systemctl("enable", "--quiet", socket, target)
+    if spec.metrics_listen is not None:
+        systemctl("enable", "--quiet", metrics_units(spec.name)[0])
     if start:
         # The socket first: connections queue in the kernel while instances start.
         systemctl("start", socket)
@@ -242,7 +259,36 @@ def install(source: str, *, start: bool, replace: bool = False) -> str:
         # A target waits for the Type=notify instances it wants: this returns once
         # every instance has sent READY=1, or fails naming the unit that did not.
         systemctl("start", target)
+        if spec.metrics_listen is not None:
+            systemctl("start", metrics_units(spec.name)[0])
     return spec.name
+
+
+def metrics_installed(name: str) -> bool:
+    """Whether install wrote name's metrics units, as its saved spec says; where that
+    cannot be read, whether unitgen's files of those names are there and belong to no
+    app named NAME-metrics (install never lets both be)."""
+    try:
+        spec = installed_spec(name)
+    except Die:
+        spec = None
+    if spec is not None:
+        return spec.metrics_listen is not None
+    return (not (unit_dir() / unit_names(f"{name}-metrics")[2]).exists()
+            and any(is_ours(unit_dir() / unit) for unit in metrics_units(name)))
+
+
+def stop_metrics(name: str, *, remove: bool) -> None:
+    """Stop the exporter and its socket (install saved them: see the spec); with remove,
+    disable them and delete their files as well, where they are unitgen's."""
+    metrics_socket, metrics_service = metrics_units(name)
+    systemctl("stop", metrics_socket, metrics_service, check=False)
+    if remove:
+        systemctl("disable", "--quiet", metrics_socket, check=False)
+        for unit in (metrics_socket, metrics_service):
+            if is_ours(unit_dir() / unit):
+                (unit_dir() / unit).unlink()
+        systemctl("reset-failed", metrics_socket, metrics_service, check=False)
 
 
 def uninstall(name: str) -> None:
@@ -256,6 +302,8 @@ def uninstall(name: str) -> None:
         if path.exists() and not is_ours(path):
             die(f"{path} was not written by unitgen", hint="remove it yourself if it is no longer wanted")
     socket, service, target = units
+    if metrics_installed(name):
+        stop_metrics(name, remove=True)
     instances = instances_pattern(name)
     # One transaction: stopping the instances first would let a new connection on
     # the socket start NAME@0 again (Service=), and the port stays open meanwhile.

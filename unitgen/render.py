@@ -60,6 +60,11 @@ def unit_names(name: str) -> tuple[str, str, str]:
     return app_units(name)
 
 
+def metrics_units(name: str) -> tuple[str, str]:
+    """NAME-metrics.socket and NAME-metrics.service: the exporter, apart from the app's units."""
+    return f"{name}-metrics.socket", f"{name}-metrics.service"
+
+
 def spec_file(name: str) -> str:
     """The saved spec's file name, beside the units."""
     return f"{name}{SPEC_SUFFIX}"
@@ -83,7 +88,7 @@ def worker_command(spec: AppSpec) -> str:
                           max_concurrency=spec.max_concurrency, request_timeout=spec.request_timeout,
                           rebalance=spec.rebalance, max_requests=spec.max_requests,
                           max_requests_jitter=spec.max_requests_jitter,
-                          memory_max=spec.memory_max)
+                          memory_max=spec.memory_max, metrics=spec.metrics_listen is not None)
     python, *args = worker_argv(spec.python, config)
     # The program's path is always quoted, and '$' is not doubled there: systemd expands
     # variables in the arguments only, never in the path it executes.
@@ -122,11 +127,17 @@ def render_units(spec: AppSpec) -> dict[str, str]:
         "user_manager": spec.manager == "user",
     }
     socket, service, target = unit_names(spec.name)
-    return {
+    units = {
         socket: env.get_template("socket.j2").render(context),
         service: env.get_template("service.j2").render(context),
         target: render_target(spec.name, spec.app, spec.instances, user_manager=spec.manager == "user"),
     }
+    if spec.metrics_listen is not None:
+        metrics_socket, metrics_service = metrics_units(spec.name)
+        context.update(metrics_socket=metrics_socket, metrics_service=metrics_service)
+        units[metrics_socket] = env.get_template("metrics-socket.j2").render(context)
+        units[metrics_service] = env.get_template("metrics-service.j2").render(context)
+    return units
 
 
 def render_files(spec: AppSpec) -> dict[str, str]:

@@ -96,6 +96,9 @@ class AppSpec:
     hardening: str = "strict"  # or "relaxed": the documented escape hatch
     allow: tuple[str, ...] = ()  # IPAddressAllow= on the socket: the clients served
     deny: tuple[str, ...] = ()  # IPAddressDeny= on the socket
+    # ListenStream= of NAME-metrics.socket, where unitgen's exporter answers Prometheus
+    # (the instances then count responses and time them); None: no metrics units.
+    metrics_listen: str | None = None
     # unitgen's own interpreter and alert script: root runs them (only with on_failure),
     # so install checks that only root can write them.
     helper_python: str = "/usr/bin/python3"
@@ -122,6 +125,8 @@ class AppSpec:
     def to_json(self) -> str:
         """The saved form install keeps beside the units; from_json reads it back."""
         data = asdict(self)
+        if self.metrics_listen is None:  # a spec without metrics reads as before this field existed
+            del data["metrics_listen"]
         if self.manager == "system":  # a system spec reads as before this field existed
             del data["manager"]
         return json.dumps({"schema": SPEC_SCHEMA, **data}, indent=2, sort_keys=True) + "\n"
@@ -187,6 +192,8 @@ def validated(spec: AppSpec) -> AppSpec:
         hardening=parse_hardening(spec.hardening),
         allow=tuple(parse_cidr("--allow", v) for v in strings(spec.allow, "allow")),
         deny=tuple(parse_cidr("--deny", v) for v in strings(spec.deny, "deny")),
+        metrics_listen=(parse_metrics_listen(spec.metrics_listen, parse_listens(strings(spec.listen, "listen")),
+                                             spec.user) if spec.metrics_listen is not None else None),
         helper_python=parse_executable("--helper-python", spec.helper_python),
         helper_script=parse_executable("--helper-script", spec.helper_script),
         manager=check_manager(spec),
@@ -275,34 +282,59 @@ def parse_listens(values: tuple[str, ...]) -> tuple[str, ...]:
     return listen
 
 
-def parse_listen(value: str) -> str:
+def parse_listen(value: str, flag: str = "--listen") -> str:
     """[HOST:]PORT, [IPV6]:PORT or /path.sock -> the ListenStream= value."""
-    hint = "use --listen PORT, HOST:PORT, [IPV6]:PORT or /run/NAME.sock"
-    check_text("--listen", value, hint=hint)
+    hint = f"use {flag} PORT, HOST:PORT, [IPV6]:PORT or /run/NAME.sock"
+    check_text(flag, value, hint=hint)
     if value.startswith("/"):
-        _check_path("--listen", value, hint)
+        _check_path(flag, value, hint)
         if value == "/":
-            die("--listen / is a directory, not a socket path", hint=hint)
+            die(f"{flag} / is a directory, not a socket path", hint=hint)
         if len(value.encode()) > _UNIX_PATH_MAX:
-            die(f"--listen {value!r} is longer than a unix socket path may be", hint=hint)
+            die(f"{flag} {value!r} is longer than a unix socket path may be", hint=hint)
         return value
     host, sep, port = value.rpartition(":")
     if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
-        die(f"--listen {value!r} has no port from 1 to 65535", hint=hint)
+        die(f"{flag} {value!r} has no port from 1 to 65535", hint=hint)
     if not sep:
         return port
     if host.startswith("[") and host.endswith("]"):
         # Python takes an IPv6 zone ("fe80::1%eth0"); ListenStream= does not.
         if "%" in host:
-            die(f"--listen {value!r} has an IPv6 zone (%...)", hint=hint + "; bind the address without a zone")
+            die(f"{flag} {value!r} has an IPv6 zone (%...)", hint=hint + "; bind the address without a zone")
         try:
             return f"[{ipaddress.IPv6Address(host[1:-1])}]:{int(port)}"
         except ValueError:
-            die(f"--listen {value!r} has an invalid IPv6 address", hint=hint)
+            die(f"{flag} {value!r} has an invalid IPv6 address", hint=hint)
     try:
         return f"{ipaddress.IPv4Address(host)}:{int(port)}"
     except ValueError:
-        die(f"--listen {value!r} needs a numeric IPv4 address or [IPv6] before the port", hint=hint)
+        die(f"{flag} {value!r} needs a numeric IPv4 address or [IPv6] before the port", hint=hint)
+
+
+def parse_metrics_listen(value: str, listen: tuple[str, ...], user: str | None) -> str:
+    """--metrics-listen as --listen takes an address, on none of the app's own: scrapes
+    must never reach the app, nor the app's clients the exporter. The exporter runs as
+    the app's --user and asks systemd over D-Bus, which refuses a dynamic user
+    (dbus-daemon cannot resolve one: systemd issue 22737)."""
+    address = parse_listen(value, "--metrics-listen")
+
+    def port_of(addr: str) -> str | None:
+        return None if addr.startswith("/") else addr.rpartition(":")[2]
+
+    def all_addresses(addr: str) -> bool:  # a bare port, or the wildcard address
+        return ":" not in addr or addr.startswith(("0.0.0.0:", "[::]:"))
+
+    for own in listen:
+        same_port = port_of(address) is not None and port_of(address) == port_of(own)
+        if own == address or (same_port and (all_addresses(own) or all_addresses(address))):
+            die(f"--metrics-listen {value!r} is the app's own --listen {own}",
+                hint="give the metrics their own port, for example --metrics-listen 127.0.0.1:9100")
+    if user is None:
+        die("--metrics-listen needs --user: the exporter runs as the app's user, and the system bus "
+            "(dbus-daemon) refuses the dynamic user the app gets without one",
+            hint="give the app a user of its own, for example --user myapp (useradd --system myapp)")
+    return address
 
 
 def parse_env(value: str) -> tuple[str, str]:

@@ -104,6 +104,7 @@ VALID = {
     "--deny": st.lists(CIDR, max_size=3),
     "--helper-python": SAFE_PROGRAM.map(lambda p: InScratch("helper/" + p)),
     "--helper-script": SAFE_PATH.map(lambda p: re.sub("[\"']", "_", p)),  # a program's path, too
+    "--metrics-listen": LISTEN,  # one of --listen's is refused (the rare clash)
 }
 REPEATABLE = {"--listen", "--env", "--writable", "--allow", "--deny"}
 
@@ -152,6 +153,7 @@ FUZZ = {
     "--cores": mix(st.integers(-2, 70).map(str),
                    st.sampled_from(["auto", "AUTO", "0", "01", "1023", "1024", "1025", "1e2", " 2", "\u0663"])),
     "--listen": st.lists(mix(_LISTEN, LISTEN), min_size=1, max_size=3),
+    "--metrics-listen": mix(_LISTEN, LISTEN, st.sampled_from(["8000", "127.0.0.1:8000", "0.0.0.0:8000", "[::]:8000"])),
     "--workdir": mix(HOSTILE_PATH, SAFE_PATH),
     "--python": mix(_PROGRAM.map(lambda r: InScratch("py/" + r))),
     "--env": st.lists(mix(_ENV, ENV), min_size=1, max_size=3),
@@ -203,6 +205,7 @@ _FIELDS = {
     "helper_script": "--helper-script", "threads": "--threads", "max_concurrency": "--max-concurrency",
     "request_timeout": "--request-timeout", "max_requests": "--max-requests",
     "max_requests_jitter": "--max-requests-jitter", "memory_max": "--memory-max", "manager": "--manager",
+    "metrics_listen": "--metrics-listen",
 }
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | ANY,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY, inner, max_size=3), max_leaves=6)
@@ -226,7 +229,10 @@ def spec_files(draw):
     spec = {field: _json_field(field, draw(VALID[flag])) for field, flag in _FIELDS.items() if flag != "--cores"}
     spec.update(schema=1, instances=draw(st.integers(1, 4)), user=draw(st.none() | VALID["--user"]),
                 on_failure=draw(st.none() | VALID["--on-failure"]),
+
                 rebalance=draw(st.booleans() | JSON) if draw(st.integers(0, 9)) == 0 else draw(st.booleans()))
+    # The exporter needs the app's --user: metrics only beside one.
+    spec["metrics_listen"] = draw(st.none() | VALID["--metrics-listen"]) if spec["user"] is not None else None
     field = draw(st.sampled_from(sorted(_FIELDS)))
     how = draw(st.sampled_from(["option", "valid", "option", "json", "option", "drop", "extra", "schema", "text"]))
     if how == "valid":
@@ -289,6 +295,7 @@ SINK = {
     "--deny": ["any"],
     "--helper-python": InScratch("helper/50% #;é/python3"),
     "--helper-script": "/usr/lib/50% $x #;=[]{}é/alert.py",
+    "--metrics-listen": "[::1]:9100",
 }
 EXPLICIT = {flag: {flag: SINK.get(flag), **SINK} for flag in FUZZ}
 EXPLICIT["--out"] = {"--out": InScratch("out/50% \"q\" #;:é x"), **SINK}

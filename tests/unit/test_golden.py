@@ -25,6 +25,7 @@ CASES = {
         "--allow", "10.0.0.0/8", "--allow", "::1", "--deny", "10.9.0.0/16",
         "--threads", "16", "--max-concurrency", "24", "--request-timeout", "0", "--no-rebalance",
         "--max-requests", "5000", "--max-requests-jitter", "500", "--memory-max", "512M",
+        "--metrics-listen", "127.0.0.1:9100",
     ],
     "relaxed": ["--app", "home.app:app", "--cores", "1", "--workdir", "/home/dev/app", "--hardening", "relaxed",
                 "--allow", "127.0.0.1"],

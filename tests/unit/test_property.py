@@ -128,7 +128,7 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
                        max_concurrency=spec.max_concurrency, request_timeout=float(spec.request_timeout),
                        rebalance=spec.rebalance, max_requests=spec.max_requests,
                        max_requests_jitter=spec.max_requests_jitter,
-                       memory_max=spec.memory_max))),
+                       memory_max=spec.memory_max, metrics=spec.metrics_listen is not None))),
         ("Service", "ExecReload", reload_command,
          ("", spec.python, ["-I", "-m", "unitgen_worker.handover", me, "$MAINPID"])),
         ("Service", "ExecStopPost", command,
@@ -180,7 +180,43 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
         ("Unit", "Wants", raw, " ".join(f"{name}@{i}.service" for i in range(n))),
         ("Install", "WantedBy", raw, "default.target" if user_manager else "multi-user.target"),
     ]
-    return {f"{name}.socket": socket, f"{name}@.service": service, f"{name}.target": target}
+    units = {f"{name}.socket": socket, f"{name}@.service": service, f"{name}.target": target}
+    if spec.metrics_listen is not None:
+        units.update(expected_metrics_units(spec))
+    return units
+
+
+def expected_metrics_units(spec: AppSpec) -> dict[str, list[tuple]]:
+    name = spec.name
+    socket = [
+        ("Unit", "Description", raw, f"{name} Prometheus metrics socket (unitgen)"),
+        ("Socket", "ListenStream", rest_of_line, spec.metrics_listen),
+        ("Socket", "Service", raw, f"{name}-metrics.service"),
+        *([("Socket", "RemoveOnStop", raw, "yes")] if spec.metrics_listen.startswith("/") else []),
+        ("Install", "WantedBy", raw, "sockets.target"),
+    ]
+    service = [
+        ("Unit", "Description", raw, f"{name} Prometheus metrics exporter (unitgen)"),
+        ("Unit", "Requires", raw, f"{name}-metrics.socket"),
+        ("Unit", "After", raw, f"{name}-metrics.socket"),
+        ("Service", "ExecStart", command, ("", spec.helper_python, ["-I", "-m", "unitgen.metrics", name])),
+        ("Service", "User", rest_of_line, spec.user),
+        ("Service", "RuntimeDirectory", raw, f"unitgen/{name}"),
+        ("Service", "RuntimeDirectoryPreserve", raw, "yes"),
+        *[("Service", key, raw, value) for key, value in [
+            ("NoNewPrivileges", "yes"), ("CapabilityBoundingSet", ""), ("AmbientCapabilities", ""),
+            ("UMask", "0077"), ("PrivateTmp", "yes"), ("PrivateDevices", "yes"), ("PrivateMounts", "yes"),
+            ("PrivateNetwork", "yes"), ("IPAddressDeny", "any"), ("RestrictAddressFamilies", "AF_UNIX"),
+            ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("ProtectProc", "invisible"),
+            ("ProtectKernelTunables", "yes"), ("ProtectKernelModules", "yes"), ("ProtectKernelLogs", "yes"),
+            ("ProtectControlGroups", "yes"), ("ProtectClock", "yes"), ("ProtectHostname", "yes"),
+            ("RestrictNamespaces", "yes"), ("RestrictRealtime", "yes"), ("RestrictSUIDSGID", "yes"),
+            ("LockPersonality", "yes"), ("MemoryDenyWriteExecute", "yes"), ("KeyringMode", "private"),
+            ("SystemCallArchitectures", "native"), ("SystemCallFilter", "@system-service"),
+            ("SystemCallFilter", "~@privileged @resources"), ("TasksMax", "32"), ("MemoryMax", "128M"),
+        ]],
+    ]
+    return {f"{name}-metrics.socket": socket, f"{name}-metrics.service": service}
 
 
 def check_unit(unit: str, text: str, expected: list[tuple], table: dict[str, str]) -> None:
@@ -317,7 +353,8 @@ class Run:
         spec_name = next(name for name in files if name.endswith(SPEC_SUFFIX))
         spec = AppSpec.from_json(files[spec_name], spec_name)
         assert sorted(files) == sorted([f"{spec.name}.socket", f"{spec.name}@.service", f"{spec.name}.target",
-                                        f"{spec.name}{SPEC_SUFFIX}"])
+                                        f"{spec.name}{SPEC_SUFFIX}", *([f"{spec.name}-metrics.socket",
+                                        f"{spec.name}-metrics.service"] if spec.metrics_listen else [])])
         if "--spec" not in values:
             check_fidelity(values, spec)
         if spec.on_failure:
@@ -439,6 +476,8 @@ def check_fidelity(values: dict, spec: AppSpec) -> None:
     assert spec.helper_python == v.get("--helper-python", sys.executable)
     assert spec.helper_script == v.get("--helper-script", DEFAULT_HELPER_SCRIPT)
     assert spec.manager == v.get("--manager", "system")
+    assert (_address(spec.metrics_listen) if spec.metrics_listen else None) == (
+        _address(v["--metrics-listen"]) if "--metrics-listen" in v else None)
 
 
 def _bytes(size: str) -> int:
