@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from unitgen.errors import Die
@@ -68,6 +68,11 @@ def _number(value: str | None) -> int | None:
         return None
     return int(value)
 
+
+# The classic text format, as Debian 12's prometheus_client (0.16) says: newer clients
+# name it version=1.0.0 (CONTENT_TYPE_LATEST), which Prometheus 2 does not know; the text
+# generate_latest() writes for our names is the same in both.
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
 class AppCollector:
     """A prometheus_client collector of one app's instances, as of each scrape."""
@@ -183,7 +188,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(500, "internal error")
             return
         self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Type", TEXT_FORMAT)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
