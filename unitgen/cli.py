@@ -47,6 +47,7 @@ from unitgen.spec import (
 )
 from unitgen.state import App
 from unitgen.status import collect, table
+from unitgen.watch import watch
 from unitgen_worker import alert
 from unitgen_worker.contract import DRAIN_TIMEOUT, HOLD, RECYCLE_MEMORY_AT, REQUEST_TIMEOUT, THREADS, WATCHDOG
 
@@ -214,6 +215,11 @@ def cmd_roll(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        if not 0.1 <= args.watch <= 3600:
+            die(f"--watch {args.watch:g} is out of range",
+                hint="give seconds between looks, 0.1 to 3600, e.g. --watch 2")
+        return watch(args.name, args.watch, as_json=args.json)
     status = collect(args.name)
     print(status.to_json() if args.json else table(status))
     return 0
@@ -346,6 +352,8 @@ def build_parser(*, render_defaults: dict[str, object] | None = None) -> argpars
                              help="one row per instance: state, pid, uptime, memory, requests")
     statusp.add_argument("name")
     statusp.add_argument("--json", action="store_true", help="the same as a JSON document (schema in the README)")
+    statusp.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
+                         help="show it again every SECONDS (default 1), with requests per second; Ctrl-C stops")
     statusp.set_defaults(func=cmd_status)
 
     scalep = sub.add_parser("scale", parents=[common], help="run exactly N instances from now on")

@@ -210,13 +210,19 @@ def _memory(row: dict) -> str:
     return "-" if row["rss_bytes"] is None else _bytes(row["rss_bytes"]) + " rss"
 
 
-def table(app_status: AppStatus) -> str:
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def table(app_status: AppStatus, rates: dict[str, float] | None = None) -> str:
+    """The table for people; rates (`status --watch`): requests per second by unit, as a
+    column of its own."""
     status = app_status.to_dict()
     socket = status["socket"]
     listen = ", ".join(socket["listen"]) or "-"
     lines = [f"{status['name']} ({status['app']}): socket {socket['unit']} {socket['state']} on {listen}"]
-    header = ("UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "CONNS", "IN-FLIGHT", "BUSY",
-              "NOTE")
+    header = ("UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS",
+              *(("REQ/S",) if rates is not None else ()), "CONNS", "IN-FLIGHT", "BUSY", "NOTE")
     rows = []
     for row in status["instances"]:
         note = []
@@ -232,6 +238,7 @@ def table(app_status: AppStatus) -> str:
                      _human(row["uptime_seconds"]),
                      _memory(row), str(row["restarts"]),
                      _share(row["requests"], row["requests_share"]),
+                     *((_rate(rates.get(row["unit"])),) if rates is not None else ()),
                      _share(row["connections"], row["connections_share"]),
                      "-" if row["in_flight"] is None else str(row["in_flight"]),
                      "-" if row["threads"] is None else f"{row['busy_threads']}/{row['threads']}",

@@ -113,6 +113,24 @@ def test_status_matches_systemctl_show_and_the_counters(box, deploy):
     assert [line.split()[0] for line in table[2:]] == [f"{app.name}@0.service", f"{app.name}@1.service"]
 
 
+def test_status_watch_shows_a_frame_a_second_with_requests_per_second_under_load(box, deploy):
+    app = deploy("lifecycle:app", "--cores", "2")
+    load = Wrk(app.url, seconds=6, connections=8)
+    time.sleep(1)
+    # Ctrl-C (SIGINT) after 3.5 s: it ends there, exit 0 (--preserve-status: not timeout's 124).
+    watched = box.run("timeout", "--preserve-status", "-s", "INT", "3.5",
+                      "unitgen", "status", app.name, "--watch", "1", check=False)
+    assert load.result().failed == 0
+    assert watched.returncode == 0, watched.stderr
+    frames = watched.stdout.split("every 1 s; Ctrl-C stops")[1:]
+    assert 3 <= len(frames) <= 5, watched.stdout
+    lines = frames[-1].splitlines()
+    header = next(line for line in lines if line.startswith("UNIT "))
+    column = header.index("REQ/S")
+    rates = [int(line[column:].split()[0]) for line in lines if line.startswith(f"{app.name}@")]
+    assert len(rates) == 2 and all(rate > 50 for rate in rates), frames[-1]  # under load, counted per second
+
+
 def test_scale_2_4_1_survives_daemon_reload_and_target_restart(box, deploy):
     app = deploy("lifecycle:app", "--cores", "2")
     for count in (4, 1):

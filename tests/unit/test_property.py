@@ -89,7 +89,7 @@ def dynamic_user(name: str) -> str:
 
 
 def _user_sandbox(spec: AppSpec) -> list[tuple[str, str]]:
-    """What a user manager can apply (tests/e2e/test_user_units.py, units/service.j2)."""
+    """What a user manager can apply (tests/e2e/test_user_install.py, units/service.j2)."""
     return [("NoNewPrivileges", "yes"), ("UMask", "0027"), ("RestrictRealtime", "yes"), ("RestrictSUIDSGID", "yes"),
             ("LockPersonality", "yes"), ("KeyringMode", "private"),
             ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),

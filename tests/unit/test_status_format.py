@@ -78,3 +78,40 @@ def test_a_property_with_several_values_keeps_every_one():
     from unitgen.state import _properties
     props = _properties("Listen=127.0.0.1:8080 (Stream)\nListen=/run/user/1000/a.sock (Stream)\nActiveState=active")
     assert props == {"Listen": "127.0.0.1:8080 (Stream) /run/user/1000/a.sock (Stream)", "ActiveState": "active"}
+
+
+def test_watch_shows_requests_per_second_of_the_same_process_and_frames_one_after_another(monkeypatch):
+    import dataclasses
+    import io
+    import json
+
+    from unitgen import watch as watching
+
+    def instance(unit, pid, requests):
+        return InstanceStatus(unit=unit, instance=int(unit[2]), wanted=True, state="active", sub_state="running",
+                              pid=pid, uptime_seconds=5, memory_bytes=None, rss_bytes=None, restarts=0,
+                              requests=requests, in_flight=0, failures=0, next_attempt=None)
+
+    first = AppStatus(name="a", app="a:app", socket_unit="a.socket", socket_state="active", listen=("8000",),
+                      instances=(instance("a@0.service", 10, 100), instance("a@1.service", 11, 50)))
+    # Two seconds later: instance 0 served 400 more; instance 1 was swapped (a new pid counts from 0).
+    second = dataclasses.replace(first, instances=(instance("a@0.service", 10, 500), instance("a@1.service", 12, 30)))
+    assert watching.rates(first, second, 2.0) == {"a@0.service": 200.0}
+    assert watching.rates(None, second, 2.0) == {} and watching.rates(first, second, 0) == {}
+    rows = table(second, {"a@0.service": 200.0}).splitlines()
+    assert rows[1].split()[:9] == ["UNIT", "STATE", "PID", "UPTIME", "MEMORY", "RESTARTS", "REQUESTS", "REQ/S", "CONNS"]
+    assert rows[2].split()[7] == "200" and rows[3].split()[7] == "-"
+
+    looks = iter([first, second, second])
+    monkeypatch.setattr(watching, "collect", lambda name: next(looks))
+    out, slept = io.StringIO(), []
+    assert watching.watch("a", 2.0, out=out, looks=3, sleep=slept.append) == 0
+    assert slept == [2.0, 2.0] and out.getvalue().count("every 2 s; Ctrl-C stops") == 3
+    assert "\033[" not in out.getvalue()  # not a terminal: frames follow one another, no escapes
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(watching, "collect", lambda name: first)
+    out = io.StringIO()
+    assert watching.watch("a", 1.0, as_json=True, out=out, sleep=interrupted) == 0  # Ctrl-C: exit 0
+    assert json.loads(out.getvalue().splitlines()[0])["instances"][0]["requests"] == 100

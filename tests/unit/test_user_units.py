@@ -1,5 +1,5 @@
 """Units for a user's own systemd (`--manager user`, `unitgen install --user`): what is
-rendered, what is refused, and where install writes. Under real systemd: tests/e2e/test_user_units.py."""
+rendered, what is refused, and where install writes. Under real systemd: tests/e2e/test_user_install.py."""
 
 import dataclasses
 import json
