@@ -125,17 +125,26 @@ def check_target(spec: AppSpec, *, replace: bool) -> None:
     if spec.user in ("root", "0"):
         die("--user root: the instances would run as root", hint="give the app a user of its own, or no --user "
             "for a dynamic one; binding a port below 1024 needs no root (systemd binds the socket)")
-    for address in spec.listen:
+    # The metrics socket too: PID 1 creates, unlinks and re-creates its path all the same.
+    sockets = [("--listen", address) for address in spec.listen]
+    sockets += [("--metrics-listen", spec.metrics_listen)] if spec.metrics_listen is not None else []
+    for option, address in sockets:
         if address.startswith("/") and os.path.lexists(address) and not stat.S_ISSOCK(os.lstat(address).st_mode):
-            die(f"--listen {address}: a file that is not a socket is there, and systemd would remove it",
+            die(f"{option} {address}: a file that is not a socket is there, and systemd would remove it",
                 hint="give a socket path where nothing else lives, such as /run/NAME/http.sock")
         # systemd (root) creates, unlinks and re-creates a unix socket's path.
         if address.startswith("/") and not manager.current().user and (
                 problem := writable_by_others(os.path.dirname(address))):
-            die(f"--listen {address}: {problem}", hint="put the socket in a directory only root can write, "
+            die(f"{option} {address}: {problem}", hint="put the socket in a directory only root can write, "
                 "such as /run")
     if manager.current().user:
         manager.check_user_install(spec.listen)
+    if spec.metrics_listen is not None and (problem := helper_problem(spec.helper_python, spec.helper_script)):
+        # The exporter runs unitgen's interpreter, never the app's: one only root can
+        # change, or another user's code would run as the app's user at every scrape.
+        die(f"{problem}; the metrics exporter runs it (--metrics-listen)",
+            hint="install unitgen from its .deb and render with it (the exporter is then Debian's python3), "
+                 "or give --helper-python/--helper-script files only root can write")
     if spec.on_failure and (problem := helper_problem(spec.helper_python, spec.helper_script)):
         die(f"{problem}; root runs it at every failure (--on-failure)",
             hint="install unitgen from its .deb and render with it (the helper is then Debian's python3 and "
@@ -240,8 +249,12 @@ def install(source: str, *, start: bool, replace: bool = False) -> str:
     verify(units)
     socket, _, target = unit_names(spec.name)
     previous = installed_spec(spec.name)
+    metrics_were_up = False
     if previous is not None and previous.metrics_listen is not None:
-        # The exporter holds its socket's old address: both stop, to start anew below.
+        # The exporter holds its socket's old address: both stop, to start anew below
+        # (also with --no-start, if they were running: the app serves on, so do they).
+        metrics_were_up = systemctl("is-active", "--quiet", metrics_units(spec.name)[0],
+                                    check=False).returncode == 0
         stop_metrics(spec.name, remove=spec.metrics_listen is None)
     save(units, spec)
     systemctl("daemon-reload")
@@ -259,8 +272,8 @@ def install(source: str, *, start: bool, replace: bool = False) -> str:
         # A target waits for the Type=notify instances it wants: this returns once
         # every instance has sent READY=1, or fails naming the unit that did not.
         systemctl("start", target)
-        if spec.metrics_listen is not None:
-            systemctl("start", metrics_units(spec.name)[0])
+    if spec.metrics_listen is not None and (start or metrics_were_up):
+        systemctl("start", metrics_units(spec.name)[0])
     return spec.name
 
 
@@ -295,7 +308,9 @@ def uninstall(name: str) -> None:
     name = parse_name(name)
     units = unit_names(name)
     paths = [unit_dir() / unit for unit in units]
-    if not any(path.exists() for path in paths):
+    # NAME.target or NAME's saved spec: app X's metrics socket is named X-metrics.socket,
+    # which is not an app named X-metrics.
+    if not (paths[2].exists() or spec_path(name).exists()):
         die(f"no app named {name!r} is installed",
             hint=f"`{' '.join(['systemctl', *manager.current().flags])} list-units '*.target'` lists what runs")
     for path in paths:

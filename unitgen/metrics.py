@@ -21,6 +21,7 @@ import os
 import socket
 import socketserver
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,12 @@ PROPS = ["ActiveState", "SubState", "MainPID", "MemoryCurrent", "CPUUsageNSec", 
 # number is not an instance's (10**400 would make float() raise).
 MAX_VALUE = 2**63 - 1
 READ_TIMEOUT = 10.0  # seconds a client has to send its request
+# A connection's whole life, however slowly its client sends (READ_TIMEOUT is per read:
+# a byte every 9 s would hold a thread for ever), and how many are served at once; the
+# others are closed at once, so a flood of slow clients never reaches TasksMax= and
+# the scrapes of Prometheus go on (they come one at a time).
+CONNECTION_DEADLINE = 15.0
+MAX_CLIENTS = 8
 LABELS = ["app", "instance"]
 
 
@@ -173,6 +180,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     registry: CollectorRegistry
     timeout = READ_TIMEOUT  # a client that sends nothing holds its thread this long at most
 
+    def setup(self) -> None:
+        super().setup()
+        # Cut the connection at its deadline, whatever it is doing (shutdown, not close:
+        # the handler's thread still owns the file descriptor).
+        self.deadline = threading.Timer(CONNECTION_DEADLINE, self._cut)
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        super().finish()
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
             self.send_error(404, "the metrics are at /metrics")
@@ -206,6 +229,19 @@ class _Server(http.server.ThreadingHTTPServer):
         # and listening already.
         socketserver.BaseServer.__init__(self, sock.getsockname(), handler)
         self.socket = sock
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: this client is closed at once
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def listening_socket() -> socket.socket:

@@ -112,7 +112,8 @@ async def connect() -> aioredis.Redis:
 
 
 async def count(scope, receive, send):
-    # One round trip, applied together: the total and this process's share of it.
+    # One round trip, applied together: the total and this process's share of it (a field
+    # for every process there ever was: the test reads it; a real app would let it expire).
     async with client.pipeline(transaction=True) as pipe:
         pipe.incr(KEYS + "hits")
         pipe.hincrby(KEYS + "hits-by-pid", str(os.getpid()), 1)
@@ -143,7 +144,9 @@ async def limited(scope, receive, send):
 def client_key(scope) -> str:
     """Who the limit counts: the X-Api-Key header, else the peer's address (behind a proxy
     that is the proxy's: take the client from its header there). Hashed, so that a key of
-    any length or content makes a short, safe Redis key."""
+    any length or content makes a short, safe Redis key. This example does not check the
+    key, so a client can pick a new one for every request and never be limited: a real
+    API counts only keys it has authenticated, and everything else by address."""
     given = header(scope, b"x-api-key") or (scope.get("client") or ("unknown",))[0]
     return hashlib.sha256(given.encode(errors="replace")).hexdigest()[:32]
 

@@ -185,6 +185,14 @@ def test_install_without_metrics_and_uninstall_remove_the_metrics_units(box, dep
     new_port = free_port()
     box.run("unitgen", "install", "-", input=box.run(*render, "--metrics-listen", f"127.0.0.1:{new_port}").stdout)
     assert wait_until(lambda: "unitgen_main_pid" in scrape(f"http://127.0.0.1:{new_port}/metrics"), timeout=10)
+    # Installed again with --no-start: the app serves on, and so do its metrics.
+    box.run("unitgen", "install", "--no-start", "-",
+            input=box.run(*render, "--metrics-listen", f"127.0.0.1:{new_port}").stdout)
+    assert wait_until(lambda: "unitgen_main_pid" in scrape(f"http://127.0.0.1:{new_port}/metrics"), timeout=10)
+    # `unitgen uninstall NAME-metrics` is not about this app's metrics units.
+    other = box.run("unitgen", "uninstall", f"{app.name}-metrics", check=False)
+    assert other.returncode == 1 and f"no app named '{app.name}-metrics' is installed" in other.stderr, other.stderr
+    assert box.run("systemctl", "is-active", f"{app.name}-metrics.socket").stdout.strip() == "active"
     box.run("unitgen", "uninstall", app.name)
     assert box.run("ls", *files, check=False).returncode != 0
     assert box.run("systemctl", "is-active", f"{app.name}-metrics.socket", check=False).stdout.strip() == "inactive"

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,45 @@ def test_a_client_that_sends_nothing_neither_holds_the_others_nor_stays(exporter
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_client_that_trickles_is_cut_at_the_deadline_and_a_flood_cannot_starve_scrapes(exporter, monkeypatch):
+    url, _ = exporter
+    monkeypatch.setattr(metrics, "CONNECTION_DEADLINE", 1.0)
+    host, port = url.removeprefix("http://").split(":")
+    trickler = socket.create_connection((host, int(port)))
+    began = time.monotonic()
+    trickler.settimeout(5)
+    closed = False
+    try:
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 40:  # a byte every 0.1 s: no read times out
+            trickler.sendall(bytes([byte]))
+            time.sleep(0.1)
+    except OSError:
+        closed = True  # cut while still sending
+    if not closed:
+        closed = trickler.recv(100) == b""
+    assert closed and time.monotonic() - began < 4.5, "the trickling client was not cut at its deadline"
+    trickler.close()
+    # More idle clients than the exporter serves at once: the extra ones are closed at
+    # once, and a scrape after them is answered (not queued behind them).
+    monkeypatch.setattr(metrics._Handler, "timeout", 30)
+    flood = [socket.create_connection((host, int(port))) for _ in range(metrics.MAX_CLIENTS + 4)]
+    try:
+        time.sleep(0.3)
+        refused = 0
+        for sock in flood:
+            sock.settimeout(0.2)
+            try:
+                refused += sock.recv(1) == b""
+            except TimeoutError:
+                pass
+        assert refused >= 4
+    finally:
+        for sock in flood:
+            sock.close()
+    time.sleep(0.5)  # their handlers see the close and free their slots
+    assert requests.get(f"{url}/metrics", timeout=5).status_code == 200
 
 
 def test_the_exporter_refuses_to_run_without_a_socket_from_systemd(capfd, monkeypatch):
