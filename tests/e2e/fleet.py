@@ -236,7 +236,9 @@ class Fleet:
         self.inventory.write_text(json.dumps(self._inventory(key), indent=2))
 
     def _inventory(self, key: Path) -> dict:
-        ssh_args = f"-o StrictHostKeyChecking=no -o UserKnownHostsFile={self.dir}/known_hosts"
+        # ServerAlive: a connection to a host that went away fails in seconds, not never.
+        ssh_args = (f"-o StrictHostKeyChecking=no -o UserKnownHostsFile={self.dir}/known_hosts "
+                    "-o ServerAliveInterval=5 -o ServerAliveCountMax=3")
         return {"all": {
             "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(key),
                      "ansible_ssh_common_args": ssh_args, "unitgen_deb": str(self.deb),
