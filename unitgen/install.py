@@ -18,7 +18,7 @@ from unitgen.render import MARKER, check_files, metrics_units, parse_bundle, ren
 from unitgen.run import run, systemctl
 from unitgen.spec import AppSpec, check_manager, parse_name
 from unitgen.trust import helper_problem, writable_by_others
-from unitgen_worker.contract import ALERT_STATE_DIR, instance_unit, instances_pattern, runtime_directory
+from unitgen_worker.contract import ALERT_STATE_DIR, instance_unit, instances_pattern
 
 # systemd's search path when `systemd-analyze unit-paths` cannot say (systemd 252/257).
 _FALLBACK_PATHS = ("/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
@@ -332,7 +332,7 @@ def uninstall(name: str) -> None:
         # A user manager's `clean` needs the user's D-Bus session bus (dbus-user-session),
         # which a host may not have; the directory is the user's own, under
         # $XDG_RUNTIME_DIR: removed here instead (never through a link).
-        runtime = manager.current().runtime_dir / runtime_directory(name)
+        runtime = manager.current().app_runtime_dir(name)
         if runtime.is_dir() and not runtime.is_symlink():
             shutil.rmtree(runtime, ignore_errors=True)
     systemctl("disable", "--quiet", socket, target, check=False)

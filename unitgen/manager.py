@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unitgen.errors import die
+from unitgen_worker.contract import runtime_directory
 
 if TYPE_CHECKING:
     from unitgen.spec import AppSpec
@@ -38,6 +39,10 @@ class Manager:
     def flags(self) -> list[str]:
         """systemctl's, journalctl's and systemd-analyze's flag for this manager."""
         return ["--user"] if self.user else []
+
+    def app_runtime_dir(self, name: str) -> Path:
+        """Where app name's instances keep their runtime files (counters, board, handover)."""
+        return self.runtime_dir / runtime_directory(name)
 
     @property
     def sudo(self) -> str:

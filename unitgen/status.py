@@ -34,7 +34,6 @@ from unitgen_worker.contract import (
     counters_file,
     handover_file,
     read_app_file,
-    runtime_directory,
 )
 
 PROPS = ["ActiveState", "SubState", "MainPID", "ExecMainStartTimestampMonotonic", "MemoryCurrent", "NRestarts"]
@@ -108,7 +107,7 @@ def collect(name: str) -> AppStatus:
     units = sorted(set(wanted) | set(app.loaded()), key=instance_number)
     socket = show([app.socket], ["ActiveState", "Listen"])[0]
     # RUNTIME_ROOT / NAME for the system; a user manager's RuntimeDirectory= is below $XDG_RUNTIME_DIR.
-    directory = manager.current().runtime_dir / runtime_directory(app.name)
+    directory = manager.current().app_runtime_dir(app.name)
     rows = []
     for unit, props in zip(units, show(units, PROPS) if units else [], strict=True):
         pid = _int(props.get("MainPID"))

@@ -1,8 +1,10 @@
 """What an instance counts and tells systemd from READY=1 until it exits.
 
-RunState holds the counters; TrackRequests keeps them and, once the drain has begun,
-tells every client to close; ping() sends WATCHDOG=1 and STATUS= from the serving event
-loop. The drain itself is one sequence, WorkerServer.shutdown() in server.py.
+RunState holds the counters; TrackRequests keeps them (MeasureRequests too, with
+--metrics); ping() sends WATCHDOG=1 and STATUS= from the serving event loop. Once the
+drain has begun, every response says `Connection: close` through uvicorn's default
+headers (WorkerServer._tell_clients_to_close). The drain itself is one sequence,
+WorkerServer.shutdown() in server.py.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class TrackRequests:
 
     It runs for every request, so it does only what must be done per request (bench/
     overhead.md): the drain's `Connection: close` is one of uvicorn's default headers
-    (WorkerServer.begin_drain), and stuck requests are found among uvicorn's tasks
+    (WorkerServer._tell_clients_to_close), and stuck requests are found among uvicorn's tasks
     (hung.py), neither at a cost to each request.
     """
 
