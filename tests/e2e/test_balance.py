@@ -81,8 +81,8 @@ def test_new_connections_spread_evenly_and_a_roll_fails_none(box, deploy):
           f"steady {steady.requests} requests p99 {steady.p99_ms} ms (after: {steady_after.p99_ms} ms); "
           f"roll {rolled:.1f} s: {rolling.requests} requests, {rolling.failed} failed, p99 {rolling.p99_ms} ms")
     assert steady.failed == 0 and steady.requests > 2000, steady.output
-    # Without the board and single accepts: 1.73-2.05; on shares of open connections
-    # alone, 1.09-1.33; on accept counts, 1.01-1.03.
+    # Without the board: 1.73-2.05; on shares of open connections alone, 1.09-1.33; on
+    # accept counts, 1.01-1.03 (1.02-1.06 since uvloop accepts a burst at each wake).
     assert ratio <= 1.25, served
     assert rolled < 11, "the roll did not fit in the measured load"
     assert rolling.failed == 0, rolling.output
