@@ -63,14 +63,11 @@ from unitgen_worker.contract import (
     HandoverResult,
     handover_file,
     handover_lock,
-    instance_of,
-    read_app_file,
-    runtime_directory_of_this_process,
 )
 from unitgen_worker.sd import NoSocketError, adopt_listen_sockets, notify
 
 log = logging.getLogger("unitgen.worker")
-LOCK_POLL = 0.05  # seconds between tries of the handover lock, and the waiter's looks
+LOCK_POLL = 0.05  # seconds between tries of the handover lock
 POLL = 0.02  # seconds between looks for the new process's "ready"
 STARTED_IN = os.getcwd()  # WorkingDirectory=: imported before the app can change it
 # The intermediate: starts the new process with the listening fds and the pair's end,
@@ -338,42 +335,10 @@ class _Process:
 
 
 # --- ExecReload= --------------------------------------------------------------------
-def wait(unit: str, main_pid: int) -> int:
-    """Asks the main process to reload and waits for how it went: 0 swapped, 1 not."""
-    runtime = runtime_directory_of_this_process()
-    if runtime is None:
-        print("unitgen-worker reload: no RUNTIME_DIRECTORY (run it as ExecReload= of NAME@N.service)", file=sys.stderr)
-        return 1
-    path = handover_file(runtime, instance_of(unit))
-    asked = time.monotonic()
-    try:
-        os.kill(main_pid, signal.SIGHUP)
-    except OSError as err:
-        print(f"{unit}: cannot signal pid {main_pid}: {err}", file=sys.stderr)
-        return 1
-    while True:
-        result = HandoverResult.from_json(read_app_file(path))
-        if result is not None and result.old == main_pid and result.asked >= asked:
-            if result.ok:
-                print(f"{unit}: pid {result.new} serves now; pid {main_pid} drains")
-                return 0
-            print(f"{unit}: reload failed, pid {main_pid} serves on: {result.error}", file=sys.stderr)
-            return 1
-        try:
-            os.kill(main_pid, 0)
-        except ProcessLookupError:
-            print(f"{unit}: pid {main_pid} exited before it answered the reload", file=sys.stderr)
-            return 1
-        time.sleep(LOCK_POLL)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m unitgen_worker.handover NAME@N.service MAINPID", file=sys.stderr)
-        return 2
-    return wait(args[0], int(args[1]))
-
+# The waiter lives in unitgen_worker.reload, which imports none of the above: it starts
+# at every reload, on a core the instances are serving on. Units rendered before it
+# existed run `-m unitgen_worker.handover`, which still works.
+from unitgen_worker.reload import main, wait  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

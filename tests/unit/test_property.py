@@ -130,7 +130,7 @@ def expected_units(spec: AppSpec) -> dict[str, list[tuple]]:
                        max_requests_jitter=spec.max_requests_jitter,
                        memory_max=spec.memory_max, metrics=spec.metrics_listen is not None))),
         ("Service", "ExecReload", reload_command,
-         ("", spec.python, ["-I", "-m", "unitgen_worker.handover", me, "$MAINPID"])),
+         ("", spec.python, ["-I", "-m", "unitgen_worker.reload", me, "$MAINPID"])),
         ("Service", "ExecStopPost", command,
          ("-", spec.python, ["-I", "-m", "unitgen_worker.backoff", "record", me])),
         *([("Service", "ExecStopPost", command,
