@@ -64,6 +64,11 @@ from unitgen_worker.contract import (
     handover_file,
     handover_lock,
 )
+
+# ExecReload='s waiter is unitgen_worker.reload (it must not import this module's
+# asyncio at every reload); units rendered before it existed run this module, which
+# hands them to that main().
+from unitgen_worker.reload import main
 from unitgen_worker.sd import NoSocketError, adopt_listen_sockets, notify
 
 log = logging.getLogger("unitgen.worker")
@@ -333,12 +338,6 @@ class _Process:
     def exited(self) -> bool:
         return bool(select.select([self.pidfd], [], [], 0)[0])
 
-
-# --- ExecReload= --------------------------------------------------------------------
-# The waiter lives in unitgen_worker.reload, which imports none of the above: it starts
-# at every reload, on a core the instances are serving on. Units rendered before it
-# existed run `-m unitgen_worker.handover`, which still works.
-from unitgen_worker.reload import main, wait  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

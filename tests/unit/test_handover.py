@@ -100,7 +100,7 @@ def log_so_far(proc: subprocess.Popen[str]) -> str:
 
 
 def waiter(runtime: Path, pid: int, module: str = "unitgen_worker.reload") -> subprocess.CompletedProcess[str]:
-    """ExecReload=, as the unit runs it (units rendered before 0.x ran unitgen_worker.handover)."""
+    """ExecReload=, as the unit runs it (units rendered before unitgen_worker.reload ran unitgen_worker.handover)."""
     return subprocess.run([sys.executable, "-m", module, "app@0.service", str(pid)],
                           env={**os.environ, "RUNTIME_DIRECTORY": str(runtime)}, capture_output=True, text=True,
                           timeout=120)
