@@ -101,8 +101,8 @@ def _hold(unit: str, ready: dict[str, str], hold: float, *, left: int) -> None:
     process exits or systemd restarts it meanwhile. A new MainPID with no restart is the
     instance swapping itself (--max-requests, --memory-max): that is no failure."""
     until = time.monotonic() + hold
-    while time.monotonic() < until:
-        time.sleep(HOLD_POLL)
+    while (left_to_hold := until - time.monotonic()) > 0:
+        time.sleep(min(HOLD_POLL, left_to_hold))
         now = show([unit], _WATCHED)[0]
         if now.get("NRestarts") != ready.get("NRestarts") or now.get("ActiveState") not in ("active", "reloading"):
             _fail(unit, f"did not stay up for {hold:g} s after it became ready (pid {ready.get('MainPID')} -> "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -28,14 +30,25 @@ def _ms(text: str) -> float:
 class Wrk:
     """wrk running in the background from the host against url."""
 
-    def __init__(self, url: str, *, seconds: int, connections: int = 64, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, *, seconds: int, connections: int = 64, headers: dict[str, str] | None = None,
+                 pause_ms: int = 0) -> None:
+        """pause_ms: each connection waits this long before each request (wrk's delay()), so
+        the load stays under what the instances can serve instead of saturating them."""
         cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency", url]
         for key, value in (headers or {}).items():
             cmd += ["-H", f"{key}: {value}"]
+        self.script = None
+        if pause_ms:
+            with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+                script.write(f"function delay() return {int(pause_ms)} end\n")
+            self.script = Path(script.name)
+            cmd += ["-s", str(self.script)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def result(self) -> LoadResult:
         output, _ = self.proc.communicate(timeout=300)
+        if self.script:
+            self.script.unlink(missing_ok=True)
         requests = int(re.search(r"(\d+) requests in", output).group(1))
         errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
         non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)

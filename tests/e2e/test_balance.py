@@ -39,7 +39,13 @@ def shares(served: dict[int, int]) -> dict[int, float]:
 @pytest.mark.parametrize(("instances", "low", "high"), [(2, 0.40, 0.60), (4, 0.15, 0.35)])
 def test_keepalive_clients_spread_again_after_a_roll(box, deploy, instances, low, high):
     app = deploy("lifecycle:app", "--cores", str(instances))
-    load = Wrk(f"{app.url}/", seconds=40)
+    # Paced to about half of what the instances serve here. Saturated, on this 2-core
+    # machine where wrk shares the cores, the shares of requests measured the kernel's
+    # placement, not the spread: equal connections (33/31) and equal CPU seconds (9.35
+    # and 9.73 s) served 17.3k and 22.0k requests per CPU second, shares 0.43/0.57 (one
+    # CI run: 0.36/0.64). Paced, each instance serves what its clients ask: its share of
+    # the connections, which is what re-spreading moves (without it: 100% and 0%).
+    load = Wrk(f"{app.url}/", seconds=40, pause_ms=4)
     time.sleep(3)
     began = time.monotonic()
     box.run("unitgen", "roll", app.name, "--hold", "1", timeout=120)
@@ -50,8 +56,10 @@ def test_keepalive_clients_spread_again_after_a_roll(box, deploy, instances, low
     after = counters(app)
     result = load.result()
     served = served_between(before, after)
+    held = {i: (before[i]["connections"], row["connections"]) for i, row in after.items() if i in before}
     print(f"{box.suite}: {instances} instances, roll {rolled:.1f} s; from 10 s after it: {served} "
-          f"-> shares {shares(served)}; {result.requests} requests, {result.failed} failed")
+          f"-> shares {shares(served)}; connections at start and end of the window {held}; "
+          f"{result.requests} requests, {result.failed} failed")
     assert time.monotonic() - began < 40, "wrk ended before the measured window did"
     assert len(served) == instances and sum(served.values()) > 1000
     assert all(low <= share <= high for share in shares(served).values()), shares(served)
@@ -67,7 +75,7 @@ def test_new_connections_spread_evenly_and_a_roll_fails_none(box, deploy):
     time.sleep(1.2)  # counters are published once a second
     served = served_between(before, counters(app))
     ratio = max(served.values()) / min(served.values())
-    during = Wrk(f"{app.url}/", seconds=12, headers=close)
+    during = Wrk(f"{app.url}/", seconds=16, headers=close)  # a roll of 4 took 8 to 11.7 s
     time.sleep(0.5)
     began = time.monotonic()
     box.run("unitgen", "roll", app.name, "--hold", "1", timeout=120)
@@ -84,7 +92,7 @@ def test_new_connections_spread_evenly_and_a_roll_fails_none(box, deploy):
     # Without the board: 1.73-2.05; on shares of open connections alone, 1.09-1.33; on
     # accept counts, 1.01-1.03 (1.02-1.06 since uvloop accepts a burst at each wake).
     assert ratio <= 1.25, served
-    assert rolled < 11, "the roll did not fit in the measured load"
+    assert rolled < 15, "the roll did not fit in the measured load"
     assert rolling.failed == 0, rolling.output
     assert rolling.p99_ms <= 1.5 * reference, (steady.output, steady_after.output, rolling.output)
 
