@@ -161,7 +161,7 @@ class Balancer:
         accepted, not yet among them), where a sibling accepts instead."""
         if self.over_share or self.churning or len(self.connections) + arriving <= self.accept_limit:
             return
-        self._look_at_the_board()  # the limits may be a tick old: decide on fresh ones
+        self._look_at_the_board(arriving)  # the limits may be a tick old: decide on fresh ones
         if not self.over_share and self._sibling_accepting and len(self.connections) + arriving > self.accept_limit:
             self.over_share = True  # new connections go to siblings until back within its share
             self._want_switch()
@@ -256,18 +256,21 @@ class Balancer:
                 self._want_switch()
             await asyncio.sleep(TICK)
 
-    def _look_at_the_board(self) -> None:
+    def _look_at_the_board(self, arriving: int = 0) -> None:
         """Publishes and reads the board again, at most every FRESH seconds."""
         now = time.monotonic()
         if self.board is not None and now - self._looked_at >= FRESH:
             self._looked_at = now
             self._publish()
-            self._share(self.board.siblings())
+            self._share(self.board.siblings(), arriving)
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
 
-    def _share(self, siblings: Siblings) -> None:
-        mine = self.open_connections()
+    def _share(self, siblings: Siblings, arriving: int = 0) -> None:
+        # A connection just accepted counts in the mean as well: without it, the first
+        # connection an idle instance took put it over the share of an idle pair (0.5)
+        # and it stopped accepting, leaving its sibling to take more than its threads.
+        mine = self.open_connections() + arriving
         if siblings.count:
             mean = (mine + siblings.connections) / (siblings.count + 1)
             self.keep_limit = mean + max(KEEP_SLACK[0], KEEP_SLACK[1] * mean)
