@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         busy = threads_taken(state.threads, served)
     else:
         served = as_asgi(app, interface, args.threads)
-        busy = state.in_flight_now
+        # Counted by TakeRoom with --max-concurrency, without it by uvicorn (the board's figure).
+        busy = state.room_taken_now if args.max_concurrency else lambda: state.in_flight
     # A full instance stops accepting: at its --max-concurrency, else when a WSGI app's
     # threads are all taken (an ASGI app has no such limit of its own).
     capacity = args.max_concurrency or (args.threads if interface == "wsgi" else 0)

@@ -20,10 +20,14 @@ copy and the siblings keep the socket and its queue) and start again with a new 
   core was less contended taking more (1.09 to 1.33). On accept counts: 1.01 to 1.03;
 - otherwise (keep-alive clients), an instance over its fair share of open connections
   stops accepting until it is back within it, so new connections go to its siblings;
-- with rebalancing on (the default), such an instance also answers with
-  `Connection: close` (connections_to_close()), so its keep-alive clients reconnect to
-  siblings. This is how they spread again after a roll, a restart, a crash or a
-  scale-up.
+- with rebalancing on (the default), the next response on each connection it holds
+  over its share says `Connection: close` (_move_clients()), so those keep-alive clients
+  reconnect to siblings. This is how they spread again after a roll, a restart, a crash
+  or a scale-up.
+
+All of it is decided as connections arrive and on a tick, not as each request runs
+(that cost every request: bench/overhead.md); only an instance with a capacity hears of
+each request (request_started(), request_ended(), from lifecycle.TakeRoom).
 
 What the siblings hold comes from the board (unitgen_worker.board). An instance never
 stops accepting for its share while no sibling with room is alive on the board.
@@ -37,8 +41,9 @@ import math
 import os
 import socket
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board, Siblings
@@ -75,13 +80,17 @@ class Balancer:
 
     def __init__(self, sockets: list[socket.socket], protocol_factory: Callable[[], asyncio.Protocol],
                  connections: Collection[Any], *, board: Board | None, capacity: int, busy: Callable[[], int],
-                 rebalance: bool, backlog: int) -> None:
+                 rebalance: bool, backlog: int, http_protocol: type | None = None) -> None:
         self.sockets = sockets
         # create_server() calls listen() again on the socket with this backlog: uvicorn's
         # own (--backlog, 2048), as before.
         self.backlog = backlog
         self.protocol_factory = protocol_factory
         self.connections = connections  # uvicorn's server_state.connections: open ones
+        # The class of those that speak HTTP (the others are WebSockets): each reads its
+        # `app` as a request starts, on uvicorn 0.17.6 to 0.54, which is how a client is
+        # asked to move (_move_clients()).
+        self.http_protocol = http_protocol
         self.board = board
         self.capacity = capacity
         self.busy = busy
@@ -101,7 +110,7 @@ class Balancer:
         self.churning = False
         self._sibling_accepting = False  # as of the last look at the board
         self._looked_at = -math.inf
-        self._closing = 0  # asked to close since the last tick
+        self._moving: weakref.WeakSet[Any] = weakref.WeakSet()  # connections asked to move
         self._servers: list[asyncio.AbstractServer] = []
         self._switching: asyncio.Task[None] | None = None
         self._tick: asyncio.Task[None] | None = None
@@ -133,42 +142,54 @@ class Balancer:
             self.board.count_accepted(self.accepted)
             if not self.ahead and time.monotonic() - self._counted >= FRESH:
                 self._share_accepts()
+            self._check_share(arriving=1)
         return self.protocol_factory()
 
     def request_started(self) -> None:
-        if not self._servers:
-            return
-        if not self.over_share and not self.churning and len(self.connections) > self.accept_limit:
-            self._look_at_the_board()  # the limits may be a tick old: decide on fresh ones
-            if not self.over_share and self._sibling_accepting and len(self.connections) > self.accept_limit:
-                self.over_share = True  # new connections go to siblings until back within its share
-                self._want_switch()
-                return
+        """A request takes room (an instance with a capacity only)."""
         # This request takes room that busy() may not show yet (a WSGI request is queued
         # for a thread only once the app is called).
-        if self.capacity and self.busy() + 1 >= self.capacity:
+        if self._servers and self.busy() + 1 >= self.capacity:
             self._want_switch()
 
     def request_ended(self) -> None:
-        if self.over_share:
-            if len(self.connections) <= self.resume_limit:
-                self.over_share = False
-            else:
-                self._look_at_the_board()
         if not self._servers and not self.draining:
             self._want_switch()
 
-    def moving(self) -> bool:
-        """Whether some responses now ask their clients to move (connections_to_close());
-        looked at as each request starts, so that only those pay for the wrapper."""
-        return self.rebalance and len(self.connections) - self._closing > self.keep_limit
+    def _check_share(self, arriving: int = 0) -> None:
+        """Stops accepting while over its share of open connections (arriving: one just
+        accepted, not yet among them), where a sibling accepts instead."""
+        if self.over_share or self.churning or len(self.connections) + arriving <= self.accept_limit:
+            return
+        self._look_at_the_board(arriving)  # the limits may be a tick old: decide on fresh ones
+        if not self.over_share and self._sibling_accepting and len(self.connections) + arriving > self.accept_limit:
+            self.over_share = True  # new connections go to siblings until back within its share
+            self._want_switch()
 
-    def connections_to_close(self) -> bool:
-        """True when this response should ask its client to reconnect elsewhere."""
-        if not self.rebalance or len(self.connections) - self._closing <= self.keep_limit:
-            return False
-        self._closing += 1
-        return True
+    def _move_clients(self) -> None:
+        """Over its share by more than KEEP_SLACK: the next response on as many of its
+        connections as it holds over that says `Connection: close` (uvicorn then closes
+        the connection, and the client reconnects, to a sibling: this instance accepts
+        none while over its share). Back within it, those asked that have not sent a
+        request since are no longer asked."""
+        if not self.rebalance or self.http_protocol is None:
+            return
+        open_connections = self.connections
+        asked = sum(1 for connection in self._moving if connection in open_connections)
+        excess = len(open_connections) - asked - self.keep_limit
+        if excess > 0:
+            for connection in list(open_connections):
+                if excess <= 0:
+                    break
+                if type(connection) is self.http_protocol and connection not in self._moving:
+                    connection.app = MoveClient(connection.app)
+                    self._moving.add(connection)
+                    excess -= 1
+        elif asked and len(open_connections) <= self.keep_limit:
+            for connection in list(self._moving):
+                if isinstance(connection.app, MoveClient):
+                    connection.app = connection.app.app
+            self._moving = weakref.WeakSet()
 
     def full(self) -> bool:
         return bool(self.capacity) and self.busy() >= self.capacity
@@ -228,23 +249,28 @@ class Balancer:
                 self._accepts.append((siblings.accepted, self.accepted))
                 if not self.ahead:
                     self._share_accepts(siblings)
-                self._closing = 0
+                self._check_share()
+                if not self.draining:
+                    self._move_clients()
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
             await asyncio.sleep(TICK)
 
-    def _look_at_the_board(self) -> None:
+    def _look_at_the_board(self, arriving: int = 0) -> None:
         """Publishes and reads the board again, at most every FRESH seconds."""
         now = time.monotonic()
         if self.board is not None and now - self._looked_at >= FRESH:
             self._looked_at = now
             self._publish()
-            self._share(self.board.siblings())
+            self._share(self.board.siblings(), arriving)
             if bool(self._servers) != self._should_accept():
                 self._want_switch()
 
-    def _share(self, siblings: Siblings) -> None:
-        mine = self.open_connections()
+    def _share(self, siblings: Siblings, arriving: int = 0) -> None:
+        # A connection just accepted counts in the mean as well: without it, the first
+        # connection an idle instance took put it over the share of an idle pair (0.5)
+        # and it stopped accepting, leaving its sibling to take more than its threads.
+        mine = self.open_connections() + arriving
         if siblings.count:
             mean = (mine + siblings.connections) / (siblings.count + 1)
             self.keep_limit = mean + max(KEEP_SLACK[0], KEEP_SLACK[1] * mean)
@@ -302,3 +328,19 @@ class Balancer:
         mean = (mine + sum(theirs)) / (len(theirs) + 1)
         self.churning = mean >= MIN_ACCEPTS
         return (mine - mean, mean) if mean >= MIN_ACCEPTS else None
+
+
+class MoveClient:
+    """The app of a connection asked to move (Balancer._move_clients()): its next
+    response says `Connection: close`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, scope: dict, receive: Any, send: Any) -> Awaitable[None]:
+        def send_moving(message: dict) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            return send(message)
+        return self.app(scope, receive, send_moving)

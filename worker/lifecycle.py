@@ -1,7 +1,9 @@
 """What an instance counts and tells systemd from READY=1 until it exits.
 
-RunState holds the counters; TrackRequests keeps them (MeasureRequests too, with
---metrics); ping() sends WATCHDOG=1 and STATUS= from the serving event loop. Once the
+RunState holds the counters, the requests among them read from uvicorn's own (no
+middleware on the way of each request: bench/overhead.md); TakeRoom tells the balancer
+of an instance with a capacity as each request starts and ends; MeasureRequests times
+them with --metrics. ping() sends WATCHDOG=1 and STATUS= from the serving event loop. Once the
 drain has begun, every response says `Connection: close` through uvicorn's default
 headers (WorkerServer._tell_clients_to_close). The drain itself is one sequence,
 WorkerServer.shutdown() in server.py.
@@ -14,7 +16,7 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +29,7 @@ from unitgen_worker.sd import notify
 if TYPE_CHECKING:
     from unitgen_worker.balance import Balancer
 
-__all__ = ["FORCE_AFTER", "QUIET", "MeasureRequests", "Metrics", "RunState", "TrackRequests", "ping"]
+__all__ = ["FORCE_AFTER", "QUIET", "MeasureRequests", "Metrics", "RunState", "TakeRoom", "ping"]
 log = logging.getLogger("unitgen.worker")
 
 
@@ -36,8 +38,10 @@ class RunState:
     """Mutable state of one running instance (the spec stays frozen elsewhere)."""
 
     started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    served: int = 0
-    in_flight: int = 0
+    # uvicorn's server_state: it counts each response as it completes (total_requests)
+    # and holds a task for each request and WebSocket in flight (tasks), on 0.17.6 to 0.54.
+    uvicorn: Any = None
+    room_taken: int = 0  # requests inside TakeRoom (an instance with a capacity)
     last_activity: float = field(default_factory=time.monotonic)  # as last seen by quiet()
     draining: bool = False
     drain_began: float = 0.0  # CLOCK_MONOTONIC
@@ -48,6 +52,14 @@ class RunState:
     recycles: int = 0
     metrics: Metrics | None = None  # --metrics
     _served_seen: int = -1  # served when quiet() last looked
+
+    @property
+    def served(self) -> int:
+        return self.uvicorn.total_requests if self.uvicorn is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.uvicorn.tasks) if self.uvicorn is not None else 0
 
     def counters(self) -> Counters:
         threads, metrics = self.threads, self.metrics
@@ -65,8 +77,8 @@ class RunState:
         self.draining = True
         self.drain_began = self.last_activity = time.monotonic()
 
-    def in_flight_now(self) -> int:
-        return self.in_flight
+    def room_taken_now(self) -> int:
+        return self.room_taken
 
     def quiet(self) -> bool:
         """Nothing in flight and no request ended for QUIET seconds: a keep-alive client
@@ -75,10 +87,11 @@ class RunState:
         the drain polls this, and a request that ended since the last look counts as
         activity now, which is later than it was, never sooner."""
         now = time.monotonic()
-        if self.in_flight or self.served != self._served_seen:
-            self._served_seen = self.served
+        in_flight, served = self.in_flight, self.served
+        if in_flight or served != self._served_seen:
+            self._served_seen = served
             self.last_activity = now
-        return not self.in_flight and now - self.last_activity >= QUIET
+        return not in_flight and now - self.last_activity >= QUIET
 
 
 class Metrics:
@@ -95,53 +108,35 @@ class Metrics:
                 "durations": tuple(self.durations), "duration_sum": self.duration_sum}
 
 
-class TrackRequests:
-    """ASGI middleware: counts requests and tells the balancer; a response whose client
-    the balancer moves to a sibling says `Connection: close`.
-
-    It runs for every request, so it does only what must be done per request (bench/
-    overhead.md): the drain's `Connection: close` is one of uvicorn's default headers
-    (WorkerServer._tell_clients_to_close), and stuck requests are found among uvicorn's tasks
-    (hung.py), neither at a cost to each request.
+class TakeRoom:
+    """ASGI middleware for an instance with a capacity (a WSGI app's threads, or
+    --max-concurrency): tells the balancer as each request takes room and gives it back,
+    so that a full instance stops accepting at once and starts again as soon as it has
+    room. Other instances go without it: it runs for every request (bench/overhead.md).
     """
 
     def __init__(self, app: Any, state: RunState) -> None:
         self.app = app
         self.state = state
 
-    @staticmethod
-    def _moving(send: Any, balancer: Balancer) -> Callable[[dict], Awaitable[None]]:
-        # Not a coroutine: it returns uvicorn's send() awaitable itself.
-        def send_moving(message: dict) -> Awaitable[None]:
-            if message["type"] == "http.response.start" and balancer.connections_to_close():
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            return send(message)
-        return send_moving
-
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
         state = self.state
         balancer = state.balancer
-        if balancer is not None:
-            if balancer.moving():
-                send = self._moving(send, balancer)
-            balancer.request_started()
-        state.in_flight += 1
+        if scope["type"] not in ("http", "websocket") or balancer is None:
+            await self.app(scope, receive, send)
+            return
+        balancer.request_started()
+        state.room_taken += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            state.in_flight -= 1
-            state.served += 1
-            if balancer is not None:
-                balancer.request_ended()
+            state.room_taken -= 1
+            balancer.request_ended()
 
 
 class MeasureRequests:
     """ASGI middleware for --metrics: each HTTP response's status class and duration.
-    Outside TrackRequests, so a request's time includes the worker's own part."""
+    Outside TakeRoom, so a request's time includes the worker's own part."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app

@@ -55,7 +55,7 @@ from unitgen_worker.board import Board
 from unitgen_worker.contract import EXIT_RECYCLE, EXIT_STARTUP
 from unitgen_worker.handover import EARLY_SIGHUP, Successor, Swap, become_main
 from unitgen_worker.hung import HungRequests
-from unitgen_worker.lifecycle import FORCE_AFTER, MeasureRequests, RunState, TrackRequests, ping
+from unitgen_worker.lifecycle import FORCE_AFTER, MeasureRequests, RunState, TakeRoom, ping
 from unitgen_worker.recycle import Recycle
 from unitgen_worker.sd import notify, watchdog_interval
 from unitgen_worker.wsclose import close_websockets
@@ -93,6 +93,7 @@ class WorkerServer(uvicorn.Server):
         self.recycling_swap = False  # the swap asked for is a recycle, not a reload
         self.swapping = False  # from the swap's start to its outcome
         hung.asgi_tasks = self.server_state.tasks  # uvicorn's task for each request in flight
+        state.uvicorn = self.server_state  # what the instance served, and has in flight
         # uvicorn's default headers (Date), one list for the life of the process: see on_tick().
         self.default_headers = self.server_state.default_headers
         self.drain_headers: list[tuple[bytes, bytes]] = []
@@ -154,7 +155,8 @@ class WorkerServer(uvicorn.Server):
         if not self.started or self.should_exit:
             return  # failed, or stopped during startup: no READY=1, nothing to drain
         balancer = Balancer(self.listen_sockets, self._protocol_factory(), self.server_state.connections,
-                            backlog=self.config.backlog, **self.balance)
+                            backlog=self.config.backlog, http_protocol=self.config.http_protocol_class,
+                            **self.balance)
         self.state.balancer = balancer
         await balancer.start()
         if self.successor is None:
@@ -349,9 +351,10 @@ def serve(app: Any, sockets: list[socket.socket], *, lifespan: str, drain_timeou
           counters_path: Path | None = None, successor: Successor | None = None, instance: str = "0",
           runtime: Path | None = None, recycle: Recycle | None = None) -> int:
     """Run until the drain is over; the exit code: 0, EXIT_STARTUP or EXIT_RECYCLE."""
-    tracked = TrackRequests(app, state)
+    if capacity:
+        app = TakeRoom(app, state)
     config = uvicorn.Config(
-        MeasureRequests(tracked, state.metrics) if state.metrics is not None else tracked,
+        MeasureRequests(app, state.metrics) if state.metrics is not None else app,
         lifespan=lifespan,
         log_config=None,  # journald already stamps and tags every line
         # Set, or uvicorn.error keeps level NOTSET, and uvicorn 0.17.6 (Debian 12) then

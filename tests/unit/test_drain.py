@@ -472,3 +472,42 @@ def test_an_asgi_request_past_the_request_timeout_is_logged_once_with_its_path_a
     assert len(reports) == 1, log
     assert "request 'GET' '/sleep' has run for 1 s (--request-timeout 1)" in reports[0]
     assert "asyncio.sleep" in log.split(reports[0], 1)[1], log  # the task's stack follows
+
+
+def test_an_instance_over_its_share_asks_as_many_keepalive_clients_as_it_holds_over_it_to_move(start, tmp_path):
+    from unitgen_worker.board import Board
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    worker = start("lifecycle:app", "--instance", "0", env={"RUNTIME_DIRECTORY": str(runtime)})
+    worker.ready()
+    clients = [worker.http() for _ in range(8)]
+    assert all(ask(client, "/")[:2] == (200, None) for client in clients)  # alone: nobody to move to
+    # A sibling (this test, on the real board file) that accepts and holds `held`
+    # connections; its heartbeat must stay fresh.
+    sibling, held, beating = Board(runtime / "board", 1), [0], threading.Event()
+
+    def heartbeat() -> None:
+        sibling.claim()
+        while not beating.is_set():
+            sibling.publish(connections=held[0], in_flight=0)
+            time.sleep(0.05)
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        time.sleep(0.5)  # a few ticks
+        # 8 against 0: the mean is 4, the limit 4 + max(1, 5%): 3 asked to move, once each.
+        told = [ask(client, "/").connection for client in clients]
+        assert told.count("close") == 3, told
+        # 5 against 0: the next ticks ask 2 more (limit 2.5 + 1) to move, who send
+        # nothing yet. Then the sibling holds many more: the instance is within its share
+        # again, and those 2 stay.
+        time.sleep(0.5)
+        held[0] = 20
+        time.sleep(0.5)
+        staying = [client for client, said in zip(clients, told, strict=True) if said != "close"]
+        assert [ask(client, "/").connection for client in staying] == [None] * 5
+    finally:
+        beating.set()
+        beat.join()

@@ -194,21 +194,26 @@ def test_recycle_is_due_at_the_request_limit_plus_jitter_or_over_the_memory_limi
 
 
 def test_a_drain_is_quiet_after_quiet_seconds_with_nothing_in_flight_and_no_request_ended():
+    from uvicorn.server import ServerState
+
     from unitgen_worker.contract import QUIET
     from unitgen_worker.lifecycle import RunState
 
-    state = RunState()
+    # The requests are uvicorn's own count: total_requests grows as each response
+    # completes, and tasks holds one for each request in flight.
+    state = RunState(uvicorn=ServerState())
     state.begin_drain()
     assert not state.quiet()  # the drain just began
     state.last_activity -= QUIET + 0.01
     state._served_seen = state.served
     assert state.quiet()
-    state.served += 1  # a request ended since the last look: activity now
-    assert not state.quiet()
+    state.uvicorn.total_requests += 1  # a request ended since the last look: activity now
+    assert state.served == 1 and not state.quiet()
     state.last_activity -= QUIET + 0.01
-    state.in_flight = 1  # one runs
-    assert not state.quiet()
-    state.in_flight = 0
+    running = object()
+    state.uvicorn.tasks.add(running)  # one runs
+    assert state.in_flight == 1 and not state.quiet()
+    state.uvicorn.tasks.discard(running)
     state.last_activity -= QUIET + 0.01
     assert state.quiet()
 
