@@ -91,6 +91,37 @@ def test_an_instance_ahead_on_accepts_stops_accepting_until_its_sibling_catches_
     asyncio.run(scenario())
 
 
+def test_an_instance_over_its_share_accepts_again_as_soon_as_its_connections_close(tmp_path):
+    """Short-lived connections: no request hook tells it they closed, nor may it wait for
+    its tick (a roll under connection-close load lost a fifth of its throughput so)."""
+    path = tmp_path / "board"
+    sibling = Board(path, 1)
+    sibling.pid = os.getpid() + 1
+
+    async def scenario():
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            connections = {object() for _ in range(4)}
+            me = Balancer([listener], asyncio.Protocol, connections, board=Board(path, 0), capacity=0,
+                          busy=lambda: 0, rebalance=True, backlog=16)
+            await me.start()
+            me._tick.cancel()  # only what the connections do may wake it here
+            sibling.publish(connections=0, in_flight=0)
+            me._look_at_the_board()  # as a tick does: its fair share
+            await asyncio.sleep(FRESH)
+            me._check_share(arriving=1)  # 5 against an idle sibling: over the mean of 2.5
+            assert me.over_share
+            await asyncio.sleep(2 * FRESH)
+            assert me._servers == []
+            connections.clear()  # closed by their clients, which went on to the sibling
+            sibling.publish(connections=4, in_flight=0)
+            await asyncio.sleep(3 * FRESH)  # well under a tick
+            assert not me.over_share and me._servers
+            await me.stop()
+            me.leave()
+
+    asyncio.run(scenario())
+
+
 def test_a_claim_lost_to_a_sibling_starting_together_is_made_again(tmp_path):
     path = tmp_path / "board"
     me, far = Board(path, 0), Board(path, 7)
