@@ -21,13 +21,12 @@ from pathlib import Path
 from bed import BenchError, host_background, log
 from systems import Server
 
-from load import Wrk
+from load import UNTIL_STOPPED, Wrk
 
 CONNECTIONS = 64
 # Load name -> the headers wrk sends: keep-alive connections, or a new one per request.
 LOADS = {"keep-alive": {}, "close": {"Connection": "close"}}
 PIDCLIENT = Path(__file__).resolve().parent / "pidclient.py"
-LONG_ENOUGH = 3600  # wrk's duration when it is stopped with SIGINT instead
 
 
 @dataclass(frozen=True)
@@ -43,17 +42,15 @@ class WrkRun:
         return self.connect_errors + self.other_errors
 
 
-def start_wrk(server: Server, load: str, seconds: float) -> Wrk:
+def start_wrk(server: Server, load: str, seconds: float = UNTIL_STOPPED) -> Wrk:
     wrk = Wrk(server.url, seconds=max(1, round(seconds)), connections=CONNECTIONS, headers=LOADS[load])
     log.debug("+ %s &", shlex.join(wrk.proc.args))
     return wrk
 
 
 def finish_wrk(wrk: Wrk, *, interrupt: bool = False) -> WrkRun:
-    if interrupt:
-        wrk.proc.send_signal(signal.SIGINT)  # wrk stops and prints what it measured
     try:
-        result = wrk.result()
+        result = wrk.stop() if interrupt else wrk.result()
     except AttributeError:  # no "N requests in" line: wrk measured nothing
         raise BenchError(f"wrk measured nothing: {wrk.proc.args[-1]}") from None
     rate = re.search(r"Requests/sec:\s+([\d.]+)", result.output)
@@ -103,7 +100,7 @@ class ReloadRun:
 
 def reloads_under_load(server: Server, load: str, reloads: int, margin: float, timeout: float) -> ReloadRun:
     """wrk through `reloads` reloads, with `margin` seconds of load before, between and after."""
-    wrk = start_wrk(server, load, LONG_ENOUGH)
+    wrk = start_wrk(server, load)
     durations, restarted = [], False
     try:
         time.sleep(margin)

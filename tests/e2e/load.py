@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -27,11 +28,15 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
+# wrk's duration for a load that is ended by stop(), when what it measures is over.
+UNTIL_STOPPED = 3600
+
+
 class Wrk:
     """wrk running in the background from the host against url."""
 
-    def __init__(self, url: str, *, seconds: int, connections: int = 64, headers: dict[str, str] | None = None,
-                 pause_ms: int = 0) -> None:
+    def __init__(self, url: str, *, seconds: int = UNTIL_STOPPED, connections: int = 64,
+                 headers: dict[str, str] | None = None, pause_ms: int = 0) -> None:
         """pause_ms: each connection waits this long before each request (wrk's delay()), so
         the load stays under what the instances can serve instead of saturating them."""
         cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency", url]
@@ -44,6 +49,11 @@ class Wrk:
             self.script = Path(script.name)
             cmd += ["-s", str(self.script)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> LoadResult:
+        """End the load now: on SIGINT wrk stops and prints what it measured so far."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.result()
 
     def result(self) -> LoadResult:
         output, _ = self.proc.communicate(timeout=300)

@@ -124,6 +124,11 @@ def test_status_shares_match_what_each_instance_answered(box, deploy):
         session.close()
 
 
+# Requests hung on purpose would hold the uninstall at the end of a test for the whole
+# drain timeout (30 s by default: 42 s a test, twice per release).
+SHORT_DRAIN = ("--drain-timeout", "3")
+
+
 def _get(url: str, timeout: float) -> tuple[float, int | str]:
     began = time.monotonic()
     try:
@@ -143,7 +148,7 @@ def _hang(url: str, count: int, seconds: int) -> list[threading.Thread]:
 
 def test_an_instance_with_no_free_thread_leaves_new_connections_to_its_sibling(box, deploy):
     threads = 4
-    app = deploy("flaskapp:app", "--cores", "2", "--threads", str(threads), "--request-timeout", "0")
+    app = deploy("flaskapp:app", "--cores", "2", "--threads", str(threads), "--request-timeout", "0", *SHORT_DRAIN)
     _hang(app.url, threads * 3 // 2, 60)
     assert wait_until(lambda: sum(row["busy_threads"] for row in counters(app).values()) == threads * 3 // 2, 10)
     busy = {i: f"{row['busy_threads']}/{row['threads']}" for i, row in counters(app).items()}
@@ -157,7 +162,7 @@ def test_an_instance_with_no_free_thread_leaves_new_connections_to_its_sibling(b
 
 
 def test_an_instance_whose_threads_are_all_stuck_recycles_and_the_service_recovers(box, deploy):
-    app = deploy("flaskapp:app", "--cores", "2", "--request-timeout", "3")
+    app = deploy("flaskapp:app", "--cores", "2", "--request-timeout", "3", *SHORT_DRAIN)
     began = time.monotonic()
     _hang(app.url, 64, 60)
     time.sleep(0.5)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -75,15 +74,14 @@ def load(fleet: Fleet):
     """wrk through HAProxy for as long as the block runs (stopped with SIGINT, which
     makes wrk print its summary); yields a dict that gets "result" and "haproxy"."""
     before = counters(fleet)
-    wrk = Wrk(fleet.haproxy.url, seconds=600)
+    wrk = Wrk(fleet.haproxy.url)
     time.sleep(2)  # every connection open and busy before anything changes
     outcome: dict = {}
     try:
         yield outcome
         time.sleep(2)  # and still served after it
     finally:
-        wrk.proc.send_signal(signal.SIGINT)
-        outcome["result"] = wrk.result()
+        outcome["result"] = wrk.stop()
         after = counters(fleet)
         outcome["haproxy"] = {key: after[key] - before[key] for key in after}
 

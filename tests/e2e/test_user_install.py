@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -115,15 +114,14 @@ def test_user_app_installs_rolls_under_load_scales_logs_and_uninstalls(box, peop
 
     before = _pids(person, name, 2)
     # Load for the whole roll, however long it takes here: wrk stops and reports on SIGINT.
-    load = Wrk(f"http://127.0.0.1:{port}/", seconds=120)
+    load = Wrk(f"http://127.0.0.1:{port}/")
     time.sleep(2)
     began = time.monotonic()
     roll = person.run("unitgen", "roll", "--user", name)
     took = time.monotonic() - began
     time.sleep(1)
     assert load.proc.poll() is None, "the load ended before the roll did"
-    load.proc.send_signal(signal.SIGINT)
-    during = load.result()
+    during = load.stop()
     after = _pids(person, name, 2)
     print(f"{box.suite}: user roll of 2 in {took:.1f} s: {during.requests} requests, {during.failed} failed, "
           f"p99 {during.p99_ms:.2f} ms; pids {before} -> {after}")
