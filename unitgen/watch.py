@@ -2,21 +2,30 @@
 each instance's requests per second since the last look (as `pm2 monit` or `watch`).
 
 On a terminal each frame replaces the last; piped, frames follow one another (with
---json, one document a line), so a log of them can be kept. Ctrl-C ends it, exit 0.
+--json, one document a line), so a log of them can be kept. Ctrl-C ends it, exit 0, as
+often as it is pressed and wherever it lands: the handler only sets a flag, because a
+KeyboardInterrupt raised anywhere made a second SIGINT (a user's second press, or
+timeout(1), which signals the command and then its whole process group) end it with 130;
+and the systemctl a look runs is in the terminal's process group, so it gets the signal
+too, and the look fails.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TextIO
 
+from unitgen.errors import Die
 from unitgen.status import AppStatus, collect, table
 
 CLEAR = "\033[H\033[2J"  # cursor home, clear the screen: what `watch` and `clear` send
+SLICE = 0.1  # seconds: a wait between looks ends this long at most after Ctrl-C
 
 
 def rates(before: AppStatus | None, now: AppStatus, seconds: float) -> dict[str, float]:
@@ -38,12 +47,19 @@ def watch(name: str, every: float, *, as_json: bool = False, out: TextIO = sys.s
           looks: int | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
     """Shows the status every `every` seconds until Ctrl-C (or `looks` frames: tests)."""
     terminal = out.isatty() and not as_json
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     before: AppStatus | None = None
     taken = 0.0
     count = 0
     try:
-        while looks is None or count < looks:
-            status = collect(name)
+        while not interrupted and (looks is None or count < looks):
+            try:
+                status = collect(name)
+            except Die:
+                if interrupted:  # the Ctrl-C reached the systemctl this look ran
+                    break
+                raise
             now = time.monotonic()
             per_second = rates(before, status, now - taken)
             if as_json:
@@ -55,7 +71,13 @@ def watch(name: str, every: float, *, as_json: bool = False, out: TextIO = sys.s
             out.flush()
             before, taken, count = status, now, count + 1
             if looks is None or count < looks:
-                sleep(every)
-    except KeyboardInterrupt:
-        out.write("\n")
+                # In slices: a signal handler that returns does not cut time.sleep() short.
+                for piece in range(math.ceil(every / SLICE)):
+                    if interrupted:
+                        break
+                    sleep(min(SLICE, every - piece * SLICE))
+        if interrupted:
+            out.write("\n")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0

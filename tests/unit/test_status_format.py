@@ -1,5 +1,11 @@
 """Pure pieces of status and logs: formatting and how journal lines are tagged."""
 
+import os
+import signal
+
+import pytest
+
+from unitgen.errors import Die
 from unitgen.ops import _format
 from unitgen.status import AppStatus, InstanceStatus, _bytes, _human, read_counters, table
 from unitgen_worker.contract import Counters, counters_file
@@ -106,12 +112,31 @@ def test_watch_shows_requests_per_second_of_the_same_process_and_frames_one_afte
     monkeypatch.setattr(watching, "collect", lambda name: next(looks))
     out, slept = io.StringIO(), []
     assert watching.watch("a", 2.0, out=out, looks=3, sleep=slept.append) == 0
-    assert slept == [2.0, 2.0] and out.getvalue().count("every 2 s; Ctrl-C stops") == 3
+    assert sum(slept) == pytest.approx(4.0) and max(slept) <= watching.SLICE  # two waits, in slices
+    assert out.getvalue().count("every 2 s; Ctrl-C stops") == 3
     assert "\033[" not in out.getvalue()  # not a terminal: frames follow one another, no escapes
 
-    def interrupted(seconds):
-        raise KeyboardInterrupt
+    class PressedAgain(io.StringIO):
+        """A second Ctrl-C while it ends (a user's, or timeout(1)'s: it signals the
+        command, then its whole process group)."""
+        def write(self, text):
+            if text == "\n":
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    def ctrl_c(seconds):  # a real SIGINT to this process
+        os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(watching, "collect", lambda name: first)
-    out = io.StringIO()
-    assert watching.watch("a", 1.0, as_json=True, out=out, sleep=interrupted) == 0  # Ctrl-C: exit 0
+    out = PressedAgain()
+    assert watching.watch("a", 1.0, as_json=True, out=out, sleep=ctrl_c) == 0  # Ctrl-C: exit 0, not 130
     assert json.loads(out.getvalue().splitlines()[0])["instances"][0]["requests"] == 100
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+    def systemctl_got_it_too(name):  # the look's systemctl, in the same process group, dies of it
+        os.kill(os.getpid(), signal.SIGINT)
+        raise Die("systemctl show failed")
+    monkeypatch.setattr(watching, "collect", systemctl_got_it_too)
+    assert watching.watch("a", 1.0, out=io.StringIO(), sleep=slept.append) == 0
+    monkeypatch.setattr(watching, "collect", lambda name: (_ for _ in ()).throw(Die("systemctl show failed")))
+    with pytest.raises(Die):  # without a Ctrl-C, a failed look is the error it is
+        watching.watch("a", 1.0, out=io.StringIO(), sleep=slept.append)
