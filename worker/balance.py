@@ -110,6 +110,7 @@ class Balancer:
         self.churning = False
         self._sibling_accepting = False  # as of the last look at the board
         self._looked_at = -math.inf
+        self._looking_again: asyncio.TimerHandle | None = None  # _back_within_share(), pending
         self._moving: weakref.WeakSet[Any] = weakref.WeakSet()  # connections asked to move
         self._servers: list[asyncio.AbstractServer] = []
         self._switching: asyncio.Task[None] | None = None
@@ -165,19 +166,26 @@ class Balancer:
         if not self.over_share and self._sibling_accepting and len(self.connections) + arriving > self.accept_limit:
             self.over_share = True  # new connections go to siblings until back within its share
             self._want_switch()
-            self._loop.call_later(FRESH, self._back_within_share)
+            self._look_again_soon()
+
+    def _look_again_soon(self) -> None:
+        # One look pending at most: the tick may end over_share and a new arrival set it
+        # again before the last look ran, which would otherwise start a second chain.
+        if self._looking_again is None:
+            self._looking_again = self._loop.call_later(FRESH, self._back_within_share)
 
     def _back_within_share(self) -> None:
         """Looks every FRESH seconds, while over its share, whether enough of its connections
         have closed: nothing else tells it (no hook runs as a connection ends), and waiting
         for the tick kept short-lived connections' instances out for up to TICK each time
         (a roll of 4 under connection-close load: p99 2x steady, a fifth less served)."""
+        self._looking_again = None
         if not self.over_share:
             return
         if len(self.connections) <= self.resume_limit:
             self._look_at_the_board()  # decides on fresh limits, and switches if it may accept
         if self.over_share:
-            self._loop.call_later(FRESH, self._back_within_share)
+            self._look_again_soon()
 
     def _move_clients(self) -> None:
         """Over its share by more than KEEP_SLACK: the next response on as many of its

@@ -110,6 +110,12 @@ def test_an_instance_over_its_share_accepts_again_as_soon_as_its_connections_clo
             await asyncio.sleep(FRESH)
             me._check_share(arriving=1)  # 5 against an idle sibling: over the mean of 2.5
             assert me.over_share
+            # A tick ends it and the next arrival starts it again before the first look ran:
+            # still one look pending, not two chains of them.
+            pending = me._looking_again
+            me.over_share = False
+            me._check_share(arriving=1)
+            assert me.over_share and me._looking_again is pending
             await asyncio.sleep(2 * FRESH)
             assert me._servers == []
             connections.clear()  # closed by their clients, which went on to the sibling
