@@ -10,12 +10,16 @@ copy and the siblings keep the socket and its queue) and start again with a new 
 - an instance with no room (its WSGI threads all taken or claimed by queued requests, or
   --max-concurrency requests in flight) stops accepting until a request ends.
   Connections wait in the kernel's queue, where any sibling with room takes them, not
-  inside a process that cannot serve them;
+  inside a process that cannot serve them. Except in a burst under libuv before 1.45
+  (Debian 12 has 1.44): it accepts every connection waiting at each wake, and a server
+  cannot be closed in the middle of that (libuv closes the connection accepted but not
+  yet handed over), so one wake may take more than the room (64 connections at once:
+  11 to 64 in one instance). libuv 1.45 accepts one per wake (libuv #3696);
 - while connections come and go fast (connection-close load, many short clients), an
   instance that accepted more of them over the last second than the mean of it and its
   siblings, by more than ACCEPTS_SLACK, stops accepting until it is back near the mean.
-  Accepts are what such load is made of: uvloop accepts every pending connection at
-  each wake, so the process that wakes first would take most (4 instances: max/min 1.73
+  Accepts are what such load is made of: the process that wakes first would take most
+  (libuv before 1.45 accepts all that wait; 4 instances: max/min 1.73
   to 2.05), and shares of open connections, few and short-lived, left an instance whose
   core was less contended taking more (1.09 to 1.33). On accept counts: 1.01 to 1.03;
 - otherwise (keep-alive clients), an instance over its fair share of open connections
@@ -239,8 +243,8 @@ class Balancer:
             self._publish()
 
     async def _serve(self, sock: socket.socket) -> asyncio.AbstractServer:
-        # libuv (uvloop) accepts every pending connection at each wake; the accept counts
-        # above spread them. Not UV_TCP_SINGLE_ACCEPT=1: libuv then nanosleep()s after
+        # libuv (uvloop) before 1.45 accepts every pending connection at each wake; the
+        # accept counts above spread them. Not UV_TCP_SINGLE_ACCEPT=1: libuv then nanosleep()s after
         # every accept, which the kernel's default timer slack makes 50 us, and that idle
         # time cost a third of the connection-close throughput (2 instances: 0.65x of
         # uvicorn --workers 2 with it, 0.94x without; 4 instances kept max/min 1.02-1.09).

@@ -166,16 +166,23 @@ def test_an_instance_whose_threads_are_all_stuck_recycles_and_the_service_recove
     began = time.monotonic()
     _hang(app.url, 64, 60)
     time.sleep(0.5)
-    in_a_row, log = 0, []
+
+    def journal() -> str:
+        return box.run("journalctl", "--no-pager", "-o", "cat", "-u", f"{app.name}@*.service").stdout
+
+    # 10 answers in a row after some instance recycled: with libuv before 1.45 (Debian 12)
+    # the instance that wakes first accepts every connection waiting, so one may take all
+    # 64 and its sibling answer from the start (CI on 62f9eb3: 10 answers at 0.6 s).
+    in_a_row, log, recycled = 0, [], False
     while in_a_row < 10 and time.monotonic() - began < 40:
+        recycled = recycled or "recycling this instance" in journal()
         took, status = _get(app.url, 2)
         log.append((round(time.monotonic() - began, 1), status))
-        in_a_row = in_a_row + 1 if status == 200 else 0
+        in_a_row = in_a_row + 1 if status == 200 and recycled else 0
     recovered = time.monotonic() - began
-    journal = box.run("journalctl", "--no-pager", "-o", "cat", "-u", f"{app.name}@*.service").stdout
-    print(f"{box.suite}: 10 answers in a row {recovered:.1f} s after 64 stuck requests; "
+    print(f"{box.suite}: 10 answers in a row after a recycle {recovered:.1f} s after 64 stuck requests; "
           f"{len(log)} probes, first ones {log[:6]}")
-    assert in_a_row == 10 and recovered <= 20, (log, journal[-6000:])
-    assert re.search(r"request 'GET' '/hang' has run for \d+ s in thread \d+", journal), journal[-3000:]
-    assert re.search(r'File "/srv/apps/flaskapp.py", line \d+, in hang', journal), journal[-3000:]
-    assert "recycling this instance" in journal
+    text = journal()
+    assert in_a_row == 10 and recovered <= 20, (log, text[-6000:])
+    assert re.search(r"request 'GET' '/hang' has run for \d+ s in thread \d+", text), text[-3000:]
+    assert re.search(r'File "/srv/apps/flaskapp.py", line \d+, in hang', text), text[-3000:]
