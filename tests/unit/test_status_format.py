@@ -93,6 +93,10 @@ def test_watch_shows_requests_per_second_of_the_same_process_and_frames_one_afte
 
     from unitgen import watch as watching
 
+    # What SIGINT does before: Python's KeyboardInterrupt, or nothing where the tests were
+    # started in the background (a shell's `&` ignores SIGINT, and its children inherit it).
+    handler_before = signal.getsignal(signal.SIGINT)
+
     def instance(unit, pid, requests):
         return InstanceStatus(unit=unit, instance=int(unit[2]), wanted=True, state="active", sub_state="running",
                               pid=pid, uptime_seconds=5, memory_bytes=None, rss_bytes=None, restarts=0,
@@ -130,7 +134,7 @@ def test_watch_shows_requests_per_second_of_the_same_process_and_frames_one_afte
     out = PressedAgain()
     assert watching.watch("a", 1.0, as_json=True, out=out, sleep=ctrl_c) == 0  # Ctrl-C: exit 0, not 130
     assert json.loads(out.getvalue().splitlines()[0])["instances"][0]["requests"] == 100
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+    assert signal.getsignal(signal.SIGINT) is handler_before  # put back as it was
 
     def systemctl_got_it_too(name):  # the look's systemctl, in the same process group, dies of it
         os.kill(os.getpid(), signal.SIGINT)
