@@ -14,7 +14,7 @@ copy and the siblings keep the socket and its queue) and start again with a new 
   (Debian 12 has 1.44): it accepts every connection waiting at each wake, and a server
   cannot be closed in the middle of that (libuv closes the connection accepted but not
   yet handed over), so one wake may take more than the room (64 connections at once:
-  11 to 64 in one instance). libuv 1.45 accepts one per wake (libuv #3696);
+  11 to 53 in one instance of 2 in 6 tries). libuv 1.45 accepts one per wake (libuv #3696);
 - while connections come and go fast (connection-close load, many short clients), an
   instance that accepted more of them over the last second than the mean of it and its
   siblings, by more than ACCEPTS_SLACK, stops accepting until it is back near the mean.
