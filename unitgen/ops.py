@@ -91,8 +91,11 @@ def _runs_current_units(unit: dict[str, str], changed: float) -> bool:
     the running one runs what is installed now."""
     entered = int(unit.get("ActiveEnterTimestampMonotonic") or 0) / 1e6
     # CanReload=no: rendered before reloads existed. NeedDaemonReload=yes: its files
-    # changed and systemd has not read them yet.
-    return (unit.get("ActiveState") == "active" and entered > changed and unit.get("CanReload") == "yes"
+    # changed and systemd has not read them yet. "reloading": it is swapping itself
+    # (--max-requests, --memory-max, a reload of its own); systemd holds the reload job
+    # until that swap is over, then runs it (unit_reload(): -EAGAIN while reloading).
+    # A restart there would stop the old process mid-swap.
+    return (unit.get("ActiveState") in ("active", "reloading") and entered > changed and unit.get("CanReload") == "yes"
             and unit.get("NeedDaemonReload") != "yes")
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import wait_until
-from load import Wrk
+from load import UNTIL_STOPPED, Wrk
 
 pytestmark = pytest.mark.e2e
 
@@ -137,3 +137,29 @@ def test_kill_9_right_after_a_reload_restarts_the_instance(box, deploy):
     assert int(app.show(f"{app.name}@0.service", "NRestarts")) == restarts + 1
     assert app.show(f"{app.name}@1.service", "MainPID") == sibling
     assert result.requests > 10_000  # the sibling served on (the killed process's requests fail)
+
+
+def test_a_roll_reaching_an_instance_that_is_swapping_reloads_it_after_the_swap(box, deploy, flags):
+    # An instance is "reloading" while it swaps (a reload of its own, --max-requests,
+    # --memory-max). The roll once took that for an instance not running current units
+    # and restarted it: a SIGTERM to the old process mid-swap, whose new process was
+    # killed then with the connections it had accepted (CI on e0c0600: 11 and 31 failed).
+    # systemd keeps a reload job waiting while the unit reloads, then runs it.
+    app = deploy("lifecycle:app", "--cores", "2")
+    before = main_pids(app, 2)
+    load = Wrk(f"{app.url}/", seconds=UNTIL_STOPPED)
+    time.sleep(1)
+    flags("slow-startup-all")  # every new process takes 3 s to start: a long "reloading"
+    box.run("systemctl", "reload", "--no-block", f"{app.name}@0.service")
+    assert wait_until(lambda: app.show(f"{app.name}@0.service", "ActiveState") == "reloading", 5)
+    roll = box.run("unitgen", "roll", app.name, "--hold", "1", check=False, timeout=120)
+    result = load.stop()
+    after = main_pids(app, 2)
+    print(f"{box.suite}: roll reaching a swapping instance: rc {roll.returncode}; {result.requests} requests, "
+          f"{result.failed} failed\n{roll.stderr}")
+    assert roll.returncode == 0, roll.stderr
+    assert f"[1/2] {app.name}@0.service swapped" in roll.stderr
+    assert f"[2/2] {app.name}@1.service swapped" in roll.stderr
+    assert [app.show(f"{app.name}@{i}.service", "NRestarts") for i in range(2)] == ["0", "0"]
+    assert after[0] != before[0] and after[1] != before[1]
+    assert result.failed == 0, result.output

@@ -9,6 +9,7 @@
 Flag files in /run/unitgen-test make instance UNITGEN_INSTANCE fail on purpose:
 import-error-I (cannot be imported: exit 78) and fail-startup-I (lifespan raises);
 fail-startup-all makes every instance fail at startup (a broken release);
+slow-startup-all makes every process that starts take 3 s in its lifespan startup;
 exit-after-ready-all makes every process that starts stop itself 1.5 s after its
 startup (SIGTERM to itself: it drains, exits 0 and systemd restarts it).
 """
@@ -58,6 +59,8 @@ async def app(scope, receive, send):
                 if os.path.exists(f"{FLAGS}/fail-startup-{INSTANCE}") or os.path.exists(f"{FLAGS}/fail-startup-all"):
                     await send({"type": "lifespan.startup.failed", "message": "failing on purpose"})
                     return
+                if os.path.exists(f"{FLAGS}/slow-startup-all"):
+                    await asyncio.sleep(3)
                 if os.path.exists(f"{FLAGS}/exit-after-ready-all"):
                     asyncio.get_running_loop().call_later(1.5, os.kill, os.getpid(), signal.SIGTERM)
                 await send({"type": "lifespan.startup.complete"})
