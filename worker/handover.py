@@ -22,7 +22,11 @@ runs Swap.run(), in this order:
    holding the lock until it exits.
 A new process that fails is killed; the old one sends READY=1 (the unit is "active"
 again), logs why in the journal, writes the failure for the waiter and `unitgen status`,
-and serves on.
+and serves on. A new process that may be accepting already (it said "ready", or this
+process is being stopped mid-swap) is not killed but told to drain (SIGTERM): its
+clients' connections would be reset. A process stopped mid-swap waits for that drain
+before it exits, since systemd kills what is left in the cgroup once the main process
+is gone (KillMode=mixed).
 
 What this relies on in systemd, read in src/core/service.c of v252 and v257 and shown by
 tests/e2e/test_reload.py on both:
@@ -171,6 +175,7 @@ class Swap:
         self.watchdog_usec = round(watchdog_interval * 4e6) if watchdog_interval else None
         self.directory = STARTED_IN
         self._lock: int | None = None  # held from the start until this process exits
+        self.abandoned: _Process | None = None  # a new process told to drain: waited for before exit
 
     async def run(self, asked: Callable[[], float], stopping: Callable[[], bool],
                   counts: tuple[int, int, bool] = (0, 0, False)) -> int | None:
@@ -193,7 +198,7 @@ class Swap:
             ours.setblocking(False)
             new, error = await self._until_ready(intermediate, ours)
             if not error and stopping():
-                error = "this process was asked to stop during the reload"
+                return self._failed(asked, new, "this process was asked to stop during the reload", stopping=True)
             if not error and new is not None and new.exited():
                 error = f"the new process (pid {new.pid}) exited right after it was ready"
             if error or new is None:
@@ -207,7 +212,8 @@ class Swap:
             self._write(HandoverResult(old=os.getpid(), new=new.pid, ok=True, asked=asked()))
             return new.pid
         except asyncio.CancelledError:  # this process is stopping (SIGTERM) mid-swap
-            self._failed(asked, new, "the old process was stopped during the reload")
+            # The new process may accept by now (it does before it says "ready").
+            self._failed(asked, new, "the old process was stopped during the reload", stopping=True)
             raise
         except Exception as err:  # noqa: BLE001 - any failure: the old process must serve on
             log.exception("reload failed")
@@ -215,7 +221,7 @@ class Swap:
         finally:
             if ours is not None:
                 ours.close()
-            if new is not None:
+            if new is not None and new is not self.abandoned:
                 os.close(new.pidfd)
 
     def answer_done(self, asked: float, new: int) -> None:
@@ -280,15 +286,32 @@ class Swap:
                 continue
             received += data
 
-    def _failed(self, asked: Callable[[], float], new: _Process | None, error: str) -> None:
+    def _failed(self, asked: Callable[[], float], new: _Process | None, error: str, stopping: bool = False) -> None:
+        """stopping: this process is stopping, and the new one may hold clients' connections
+        already: it drains as well, instead of being killed."""
         if new is not None and not new.exited():
             with contextlib.suppress(OSError):  # it may exit meanwhile
-                signal.pidfd_send_signal(new.pidfd, signal.SIGKILL)
-        notify(f"READY=1\nSTATUS=reload failed, the old process serves on: {error}")
-        log.error("reload failed, pid %d serves on: %s", os.getpid(), error)
+                signal.pidfd_send_signal(new.pidfd, signal.SIGTERM if stopping else signal.SIGKILL)
+            if stopping:
+                self.abandoned = new
+        then = "stops, the new one drains too" if stopping else "serves on"
+        notify(f"READY=1\nSTATUS=reload failed, the old process {then}: {error}")
+        log.error("reload failed, pid %d %s: %s", os.getpid(), then, error)
         self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked(), error=error))
         self._release()
         return None
+
+    async def until_abandoned_exits(self, timeout: float) -> None:
+        """Waits (at most timeout) for the new process told to drain, if any, to exit."""
+        new, deadline = self.abandoned, time.monotonic() + timeout
+        if new is None:
+            return
+        while not new.exited() and time.monotonic() < deadline:
+            await asyncio.sleep(POLL)
+        if not new.exited():
+            log.warning("the new process (pid %d) did not drain within %g s", new.pid, timeout)
+        os.close(new.pidfd)
+        self.abandoned = None
 
     async def _take_lock(self) -> None:
         if self.runtime is None:

@@ -84,11 +84,13 @@ class WorkerServer(uvicorn.Server):
         self.successor = successor  # started by a reload: the old process hands over
         self.instance = instance
         self.runtime = runtime
+        self.swap: Swap | None = None
         self.swapper: asyncio.Task[None] | None = None
         self.recycler: asyncio.Task[None] | None = None
         self.swap_asked = asyncio.Event()
         self.asked_at = 0.0  # CLOCK_MONOTONIC of the last SIGHUP
         self.handed_to: int | None = None  # the new process's pid: it is the instance now, this one only drains
+        self.main = True  # False: started by a reload that failed, never the main process
         self.recycle = recycle or Recycle()
         self.recycling_swap = False  # the swap asked for is a recycle, not a reload
         self.swapping = False  # from the swap's start to its outcome
@@ -162,14 +164,18 @@ class WorkerServer(uvicorn.Server):
         if self.successor is None:
             notify(f"READY=1\nSTATUS={self.state.status()}")
         elif not await become_main(self.successor):
-            # The old process gave up on this one (or died): serve nothing more.
-            log.error("the old process did not hand instance %s over: exiting", self.instance)
+            # The old process gave up on this one (or died, or stops): this one may have
+            # accepted connections already, so it drains them, as a process that is not
+            # the main one (shutdown()), and serves nothing more.
+            log.error("the old process did not hand instance %s over: draining", self.instance)
+            self.main = False
             self.should_exit = True
+            return
         watchdog = watchdog_interval()
         self.pinger = asyncio.ensure_future(ping(self.state, watchdog, self.counters_path))
         self.watcher = asyncio.ensure_future(self._watch_requests())
-        self.swapper = asyncio.ensure_future(self._swap_when_asked(Swap(self.listen_sockets, self.instance,
-                                                                        self.runtime, watchdog)))
+        self.swap = Swap(self.listen_sockets, self.instance, self.runtime, watchdog)
+        self.swapper = asyncio.ensure_future(self._swap_when_asked(self.swap))
         if self.recycle.wanted:
             self.recycle.ready()
             self.recycler = asyncio.ensure_future(self._recycle_when_due())
@@ -249,7 +255,7 @@ class WorkerServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The drain, then uvicorn's shutdown; see this module's docstring."""
-        if self.pinger is None:  # stopped during startup (newer uvicorn still calls this)
+        if self.state.balancer is None:  # stopped during startup (newer uvicorn still calls this)
             await super().shutdown(sockets=sockets)
             return
         state = self.state
@@ -259,17 +265,16 @@ class WorkerServer(uvicorn.Server):
             self.swapper.cancel()  # a swap under way: its new process is stopped
             with contextlib.suppress(asyncio.CancelledError):
                 await self.swapper
-        if self.handed_to is not None:
-            # Not the main process any more: systemd would refuse its notifications,
-            # and the board slot and counters file are the new process's now.
-            self.pinger.cancel()
-            if state.balancer is not None:
-                state.balancer.board = None
+        if self.handed_to is not None or not self.main:
+            # Not the main process (any more): systemd would refuse its notifications,
+            # and the board slot and counters file are the main process's.
+            if self.pinger is not None:
+                self.pinger.cancel()
+            state.balancer.board = None
         else:
             notify(f"STOPPING=1\nSTATUS={state.status()}")
         log.info("draining: %d requests in flight", state.in_flight)
-        if state.balancer is not None:
-            await state.balancer.stop()
+        await state.balancer.stop()
         close_listeners(self.servers, self.listen_sockets)
 
         timed_out = False
@@ -298,6 +303,8 @@ class WorkerServer(uvicorn.Server):
             await asyncio.wait([uvicorn_shutdown], timeout=FORCE_AFTER)
             self.force_exit = True
         await uvicorn_shutdown
+        if self.swap is not None:  # a new process told to drain as this one stopped mid-swap
+            await self.swap.until_abandoned_exits(self.drain_timeout + FORCE_AFTER)
 
     async def _until_quiet(self) -> None:
         # Polled, as uvicorn's own waits are: requests start and end in other tasks. A

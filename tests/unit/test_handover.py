@@ -29,6 +29,18 @@ if os.path.exists(os.environ["BREAK_MARK"]):
     raise RuntimeError("this release is broken")
 app = _app
 """
+SLOW_LATER = """
+import asyncio
+import os
+from lifecycle import app as _app
+
+async def app(scope, receive, send):
+    async def slow_send(message):
+        if message["type"] == "lifespan.startup.complete" and os.path.exists(os.environ["SLOW_MARK"]):
+            await asyncio.sleep(1.5)
+        await send(message)
+    await _app(scope, receive, slow_send if scope["type"] == "lifespan" else send)
+"""
 
 
 def first(notes: Notifications, prefix: str, timeout: float = 20) -> tuple[int, list[str]]:
@@ -214,3 +226,66 @@ def test_a_reload_asked_of_the_old_process_after_its_handover_is_answered_as_don
     assert again.returncode == 0 and f"pid {new} serves now" in again.stdout, again.stderr
     slow.join(15)
     assert proc.wait(15) == 0
+
+
+def gone_or_zombie(pid: int) -> bool:
+    """Whether pid has exited (an orphan's zombie waits for whoever reaps orphans here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def ask_until_told_to_close(conn: HTTPConnection, replies: list, errors: list[Exception]) -> None:
+    """A keep-alive client that asks until a response says `Connection: close`."""
+    while True:
+        try:
+            reply = ask(conn, "/")
+        except Exception as err:  # noqa: BLE001 - any failure is what this test looks for
+            errors.append(err)
+            return
+        replies.append(reply)
+        if (reply.connection or "").lower() == "close":
+            return
+
+
+def test_a_process_stopped_mid_swap_lets_the_new_one_drain_what_it_accepted(instance, tmp_path):
+    # A stop or restart that reaches an instance mid-swap, after the new process began
+    # accepting: that process was killed, with its clients' connections (a roll that
+    # restarted an instance recycling itself, CI on e0c0600: 11 and 31 requests failed).
+    # It drains them now, and the old process exits only once it has.
+    (tmp_path / "slowlater.py").write_text(SLOW_LATER)
+    mark = tmp_path / "slow"
+    proc, notes, port, runtime = instance("slowlater:app", {"SLOW_MARK": str(mark)})
+    old = proc.pid
+    mark.write_text("")  # the new process takes 1.5 s more to start
+    os.kill(old, signal.SIGHUP)  # the swap begins
+    blocked = []
+    blocker = threading.Thread(target=lambda: blocked.append(
+        ask(HTTPConnection("127.0.0.1", port, timeout=30), "/block?s=6")))
+    blocker.start()  # the old process's loop stops for 6 s: it cannot read "ready" before
+    time.sleep(0.5)
+    # New connections wait in the socket's queue until the new process accepts them.
+    new = ask(HTTPConnection("127.0.0.1", port, timeout=20), "/").pid
+    assert new != old
+    replies, errors = [], []
+    clients = [threading.Thread(target=ask_until_told_to_close,
+                                args=(HTTPConnection("127.0.0.1", port, timeout=15), replies, errors))
+               for _ in range(4)]
+    for client in clients:
+        client.start()
+    time.sleep(0.5)
+    os.kill(old, signal.SIGTERM)  # as systemd stops the unit: to the main process only
+    assert proc.wait(30) == 0
+    for client in (blocker, *clients):
+        client.join(15)
+    log = log_so_far(proc)
+    assert blocked[0].pid == old and blocked[0].status == 200
+    assert errors == [], log
+    assert f"reload failed, pid {old} stops, the new one drains too" in log, log
+    assert {reply.pid for reply in replies} == {new} and len(replies) > 4
+    # The old process waited for the new one's drain; the new one, never the main
+    # process, sent systemd nothing.
+    assert gone_or_zombie(new), log
+    assert new not in {pid for pid, _ in notes.sent_by()}
