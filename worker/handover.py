@@ -24,9 +24,10 @@ A new process that fails is killed; the old one sends READY=1 (the unit is "acti
 again), logs why in the journal, writes the failure for the waiter and `unitgen status`,
 and serves on. A new process that may be accepting already (it said "ready", or this
 process is being stopped mid-swap) is not killed but told to drain (SIGTERM): its
-clients' connections would be reset. A process stopped mid-swap waits for that drain
-before it exits, since systemd kills what is left in the cgroup once the main process
-is gone (KillMode=mixed).
+clients' connections would be reset. systemd kills what is left in the cgroup once the
+main process is gone (KillMode=mixed), so the main process exits only after the others'
+drains (outlive()): the old process's after a swap (a stop right after a roll), the
+new one's after a stop mid-swap.
 
 What this relies on in systemd, read in src/core/service.c of v252 and v257 and shown by
 tests/e2e/test_reload.py on both:
@@ -55,6 +56,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -104,6 +106,7 @@ class Successor:
         self.swaps = swaps
         self.recycles = recycles
         self.recycle = recycle
+        self.predecessor: _Process | None = None  # the old process, draining, once this one is main
 
 
 def adopt_sockets() -> tuple[list[socket.socket], Successor | None]:
@@ -156,11 +159,32 @@ async def become_main(successor: Successor) -> bool:
             if not data:
                 return False
             received += data
+        # The pair's other end was made by the old process: alive (it just wrote), so
+        # its pid names it and nothing else.
+        pid = struct.unpack("3i", control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        with contextlib.suppress(ProcessLookupError):
+            successor.predecessor = _Process(pid)
     except (OSError, TimeoutError):
         return False
     finally:
         control.close()
     return True
+
+
+async def outlive(processes: list[_Process | None], timeout: float) -> None:
+    """Waits, at most timeout, for these processes of the instance to exit: systemd kills
+    what is left in the cgroup once the main process is gone (KillMode=mixed), so the
+    main process exits only after the drains of the others (the old process after a
+    swap; a new process told to drain when a stop came mid-swap)."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        if process is None:
+            continue
+        while not process.exited() and time.monotonic() < deadline:
+            await asyncio.sleep(POLL)
+        if not process.exited():
+            log.warning("pid %d did not end its drain within %g s", process.pid, timeout)
+        os.close(process.pidfd)
 
 
 # --- the old process --------------------------------------------------------------
@@ -300,18 +324,6 @@ class Swap:
         self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked(), error=error))
         self._release()
         return None
-
-    async def until_abandoned_exits(self, timeout: float) -> None:
-        """Waits (at most timeout) for the new process told to drain, if any, to exit."""
-        new, deadline = self.abandoned, time.monotonic() + timeout
-        if new is None:
-            return
-        while not new.exited() and time.monotonic() < deadline:
-            await asyncio.sleep(POLL)
-        if not new.exited():
-            log.warning("the new process (pid %d) did not drain within %g s", new.pid, timeout)
-        os.close(new.pidfd)
-        self.abandoned = None
 
     async def _take_lock(self) -> None:
         if self.runtime is None:

@@ -53,7 +53,7 @@ import uvicorn
 from unitgen_worker.balance import Balancer
 from unitgen_worker.board import Board
 from unitgen_worker.contract import EXIT_RECYCLE, EXIT_STARTUP
-from unitgen_worker.handover import EARLY_SIGHUP, Successor, Swap, become_main
+from unitgen_worker.handover import EARLY_SIGHUP, Successor, Swap, become_main, outlive
 from unitgen_worker.hung import HungRequests
 from unitgen_worker.lifecycle import FORCE_AFTER, MeasureRequests, RunState, TakeRoom, ping
 from unitgen_worker.recycle import Recycle
@@ -303,8 +303,9 @@ class WorkerServer(uvicorn.Server):
             await asyncio.wait([uvicorn_shutdown], timeout=FORCE_AFTER)
             self.force_exit = True
         await uvicorn_shutdown
-        if self.swap is not None:  # a new process told to drain as this one stopped mid-swap
-            await self.swap.until_abandoned_exits(self.drain_timeout + FORCE_AFTER)
+        if self.main and self.handed_to is None:
+            await outlive([self.successor and self.successor.predecessor, self.swap and self.swap.abandoned],
+                          self.drain_timeout + FORCE_AFTER)
 
     async def _until_quiet(self) -> None:
         # Polled, as uvicorn's own waits are: requests start and end in other tasks. A

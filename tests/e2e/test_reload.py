@@ -5,9 +5,11 @@ and 257, with wrk (64 keep-alive connections unless said)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
+import requests
 
 from helpers import wait_until
 from load import UNTIL_STOPPED, Wrk
@@ -163,3 +165,26 @@ def test_a_roll_reaching_an_instance_that_is_swapping_reloads_it_after_the_swap(
     assert [app.show(f"{app.name}@{i}.service", "NRestarts") for i in range(2)] == ["0", "0"]
     assert after[0] != before[0] and after[1] != before[1]
     assert result.failed == 0, result.output
+
+
+def test_a_stop_right_after_a_swap_lets_the_old_process_finish_its_drain(box, deploy):
+    # After a swap the old process drains while the new one is the main process. A stop
+    # then sends SIGTERM to the new one only (KillMode=mixed), and once it exits systemd
+    # kills what is left in the cgroup: the old process, mid-request. The new one waits
+    # for the old one's drain before it exits.
+    app = deploy("lifecycle:app", "--cores", "1")
+    replies: list = []
+    slow = threading.Thread(target=lambda: replies.append(requests.get(f"{app.url}/sleep?s=4", timeout=30)))
+    slow.start()
+    time.sleep(0.5)  # the one process is serving it
+    old = app.show(f"{app.name}@0.service", "MainPID")
+    box.run("systemctl", "reload", f"{app.name}@0.service")
+    assert app.show(f"{app.name}@0.service", "MainPID") != old
+    began = time.monotonic()
+    box.run("systemctl", "stop", f"{app.name}@0.service")
+    took = time.monotonic() - began
+    slow.join(30)
+    print(f"{box.suite}: stop right after a swap took {took:.1f} s; the old process's request: "
+          f"{[reply.status_code for reply in replies]}")
+    assert [reply.status_code for reply in replies] == [200], "the old process's request failed"
+    assert replies[0].text.startswith(f"pid {old} slept 4")
