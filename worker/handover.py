@@ -152,38 +152,50 @@ async def become_main(successor: Successor) -> bool:
     loop = asyncio.get_running_loop()
     control.setblocking(False)
     received = b""
+    # The pair was made by the old process before it started this one, and it must be
+    # alive to write "main": opened now, the pidfd names it and no later holder of its pid.
+    old = _peer(control)
     try:
         await loop.sock_sendall(control, b"ready\n")
         while b"main\n" not in received:
             data = await asyncio.wait_for(loop.sock_recv(control, 64), HANDOVER_TIMEOUT)
             if not data:
-                return False
+                break
             received += data
-        # The pair's other end was made by the old process: alive (it just wrote), so
-        # its pid names it and nothing else.
-        pid = struct.unpack("3i", control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        with contextlib.suppress(ProcessLookupError):
-            successor.predecessor = _Process(pid)
     except (OSError, TimeoutError):
-        return False
+        pass
     finally:
         control.close()
+    if b"main\n" not in received:
+        if old is not None:
+            os.close(old.pidfd)
+        return False
+    successor.predecessor = old
     return True
 
 
-async def outlive(processes: list[_Process | None], timeout: float) -> None:
-    """Waits, at most timeout, for these processes of the instance to exit: systemd kills
-    what is left in the cgroup once the main process is gone (KillMode=mixed), so the
-    main process exits only after the drains of the others (the old process after a
-    swap; a new process told to drain when a stop came mid-swap)."""
-    deadline = time.monotonic() + timeout
+def _peer(control: socket.socket) -> _Process | None:
+    """The process at the other end of the pair (its maker: SO_PEERCRED), or None."""
+    try:
+        pid = struct.unpack("3i", control.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        return _Process(pid)
+    except OSError as err:  # not worth failing the handover for: only the stop's wait is lost
+        log.warning("cannot follow the old process (its drain will not be waited for): %s", err)
+        return None
+
+
+async def outlive(processes: list[_Process | None], deadline: float, cut_short: Callable[[], bool]) -> None:
+    """Waits, until deadline (CLOCK_MONOTONIC) or cut_short(), for these processes of the
+    instance to exit: systemd kills what is left in the cgroup once the main process is
+    gone (KillMode=mixed), so the main process exits only after the drains of the others
+    (the old process after a swap; a new process told to drain when a stop came mid-swap)."""
     for process in processes:
         if process is None:
             continue
-        while not process.exited() and time.monotonic() < deadline:
+        while not process.exited() and time.monotonic() < deadline and not cut_short():
             await asyncio.sleep(POLL)
         if not process.exited():
-            log.warning("pid %d did not end its drain within %g s", process.pid, timeout)
+            log.warning("pid %d has not ended its drain: exiting without it", process.pid)
         os.close(process.pidfd)
 
 
@@ -200,6 +212,7 @@ class Swap:
         self.directory = STARTED_IN
         self._lock: int | None = None  # held from the start until this process exits
         self.abandoned: _Process | None = None  # a new process told to drain: waited for before exit
+        self._pending: _Process | None = None  # the new process, from its pid on, while the swap runs
 
     async def run(self, asked: Callable[[], float], stopping: Callable[[], bool],
                   counts: tuple[int, int, bool] = (0, 0, False)) -> int | None:
@@ -210,7 +223,7 @@ class Swap:
         reload asked until it is written, also one asked while this swap ran (a roll
         reaching an instance that is recycling itself). counts: this process's swaps and
         recycles, and whether this swap is a recycle, for the new process to go on from."""
-        ours = new = None
+        ours = new = self._pending = None
         try:
             await self._take_lock()
             notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
@@ -237,16 +250,19 @@ class Swap:
             return new.pid
         except asyncio.CancelledError:  # this process is stopping (SIGTERM) mid-swap
             # The new process may accept by now (it does before it says "ready").
+            new = new or self._pending
             self._failed(asked, new, "the old process was stopped during the reload", stopping=True)
             raise
         except Exception as err:  # noqa: BLE001 - any failure: the old process must serve on
             log.exception("reload failed")
-            return self._failed(asked, new, f"cannot start a new process: {err}")
+            return self._failed(asked, new or self._pending, f"cannot start a new process: {err}")
         finally:
             if ours is not None:
                 ours.close()
+            new = new or self._pending
             if new is not None and new is not self.abandoned:
                 os.close(new.pidfd)
+            self._pending = None
 
     def answer_done(self, asked: float, new: int) -> None:
         """Answers a SIGHUP that came after this process handed the instance to new."""
@@ -287,7 +303,7 @@ class Swap:
                 line, received = received.split(b"\n", 1)
                 if new is None:
                     try:
-                        new = _Process.of(line)
+                        new = self._pending = _Process.of(line)
                     except ProcessLookupError as err:
                         return None, str(err) or "the new process exited at once; its lines are above"
                 elif line == b"ready":
@@ -371,7 +387,9 @@ class _Process:
         return cls(int(word))
 
     def exited(self) -> bool:
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        poller = select.poll()  # not select(): it cannot take an fd over 1023
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,10 @@ class WorkerServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await super().serve(sockets=sockets)
+            if self.state.balancer is not None and not self.state.draining:
+                # uvicorn before 0.3x skips shutdown() when should_exit came during
+                # startup: what the Balancer accepted by then is drained all the same.
+                await self.shutdown(sockets=sockets)
         finally:
             for task in (self.pinger, self.watcher, self.swapper, self.recycler):
                 if task is not None:
@@ -169,6 +173,7 @@ class WorkerServer(uvicorn.Server):
             # the main one (shutdown()), and serves nothing more.
             log.error("the old process did not hand instance %s over: draining", self.instance)
             self.main = False
+            self.state.balancer.board = None  # the old process's slot
             self.should_exit = True
             return
         watchdog = watchdog_interval()
@@ -260,6 +265,8 @@ class WorkerServer(uvicorn.Server):
             return
         state = self.state
         state.begin_drain()  # before STOPPING=1, whose STATUS= says "draining"
+        # The others' drains (outlive()) began before this one: by then they had as long.
+        others_by = time.monotonic() + self.drain_timeout + FORCE_AFTER
         self._tell_clients_to_close()
         if self.swapper is not None and self.handed_to is None:
             self.swapper.cancel()  # a swap under way: its new process is stopped
@@ -305,7 +312,7 @@ class WorkerServer(uvicorn.Server):
         await uvicorn_shutdown
         if self.main and self.handed_to is None:
             await outlive([self.successor and self.successor.predecessor, self.swap and self.swap.abandoned],
-                          self.drain_timeout + FORCE_AFTER)
+                          others_by, lambda: self.force_exit)
 
     async def _until_quiet(self) -> None:
         # Polled, as uvicorn's own waits are: requests start and end in other tasks. A

@@ -188,3 +188,37 @@ def test_a_stop_right_after_a_swap_lets_the_old_process_finish_its_drain(box, de
           f"{[reply.status_code for reply in replies]}")
     assert [reply.status_code for reply in replies] == [200], "the old process's request failed"
     assert replies[0].text.startswith(f"pid {old} slept 4")
+
+
+def test_a_restart_mid_swap_fails_no_request_of_the_new_process(box, deploy, flags):
+    # A restart (or stop) that reaches an instance mid-swap, once the new process accepts:
+    # that process was killed with the connections it held. Now the old process tells it
+    # to drain and waits for it; on Debian 12's uvicorn (0.17.6, which skips shutdown()
+    # when told to exit during startup) as on Debian 13's.
+    app = deploy("lifecycle:app", "--cores", "1")
+    unit = f"{app.name}@0.service"
+    old = app.show(unit, "MainPID")
+    flags("slow-startup-all")  # the new process takes 3 s to start
+    box.run("systemctl", "reload", "--no-block", unit)
+    # The unit says "reloading" as ExecReload= starts: wait for the worker's own line.
+    assert wait_until(lambda: f"pid {old} starts a new process" in box.run(
+        "journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout, 10)
+    blocked: list = []
+    blocker = threading.Thread(target=lambda: blocked.append(requests.get(f"{app.url}/block?s=8", timeout=30)))
+    blocker.start()  # the old process's loop stops for 8 s: it cannot take the new one's "ready"
+    time.sleep(0.5)
+    new = requests.get(f"{app.url}/", timeout=20).headers["x-worker-pid"]  # waits for the new process
+    assert new != old
+    load = Wrk(f"{app.url}/", seconds=UNTIL_STOPPED, connections=8)
+    time.sleep(1)
+    box.run("rm", "-f", "/run/unitgen-test/slow-startup-all")  # the restarted instance starts at once
+    box.run("systemctl", "restart", unit)
+    time.sleep(1)
+    result = load.stop()
+    blocker.join(30)
+    journal = box.run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
+    print(f"{box.suite}: restart mid-swap: {result.requests} requests, {result.failed} failed")
+    assert [reply.status_code for reply in blocked] == [200] and blocked[0].text.startswith(f"pid {old} ")
+    assert f"reload failed, pid {old} stops, the new one drains too" in journal, journal
+    assert result.requests > 1000 and result.failed == 0, result.output
+    assert app.show(unit, "MainPID") not in (old, new, "0")

@@ -289,3 +289,38 @@ def test_a_process_stopped_mid_swap_lets_the_new_one_drain_what_it_accepted(inst
     # process, sent systemd nothing.
     assert gone_or_zombie(new), log
     assert new not in {pid for pid, _ in notes.sent_by()}
+
+
+def worker_pids(app: str) -> set[int]:
+    """The worker processes serving app (not the intermediate that starts a new one)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
+            continue
+        if b"unitgen_worker" in argv and app.encode() in argv and b"-c" not in argv:
+            pids.add(int(entry.name))
+    return pids
+
+
+def test_a_process_stopped_while_its_new_one_starts_takes_that_one_down_too(instance, tmp_path):
+    # The stop cancels the swap while it waits for "ready": the new process, not yet
+    # known as the swap's outcome, was left running, to accept connections with nobody
+    # to hand it the instance (and systemd's kill at the old one's exit ahead of it).
+    (tmp_path / "slowlater.py").write_text(SLOW_LATER)
+    mark = tmp_path / "slow"
+    proc, notes, port, runtime = instance("slowlater:app", {"SLOW_MARK": str(mark)})
+    old = proc.pid
+    mark.write_text("")  # the new process takes 1.5 s more to start
+    os.kill(old, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not (new := worker_pids("slowlater:app") - {old}) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert new, "no new process started"
+    time.sleep(0.3)  # it imports the app, or waits in its startup
+    os.kill(old, signal.SIGTERM)
+    assert proc.wait(30) == 0
+    log = log_so_far(proc)
+    assert "stops, the new one drains too: the old process was stopped during the reload" in log, log
+    assert all(gone_or_zombie(pid) for pid in new), log
