@@ -213,6 +213,7 @@ class Swap:
         self._lock: int | None = None  # held from the start until this process exits
         self.abandoned: _Process | None = None  # a new process told to drain: waited for before exit
         self._pending: _Process | None = None  # the new process, from its pid on, while the swap runs
+        self.handed: _Process | None = None  # the new process once it is the instance
 
     async def run(self, asked: Callable[[], float], stopping: Callable[[], bool],
                   counts: tuple[int, int, bool] = (0, 0, False)) -> int | None:
@@ -240,6 +241,7 @@ class Swap:
                 error = f"the new process (pid {new.pid}) exited right after it was ready"
             if error or new is None:
                 return self._failed(asked, new, error or "no new process")
+            self.handed = new  # from here on a stop's SIGTERM is passed on to it (WorkerServer)
             notify(f"MAINPID={new.pid}\nREADY=1")  # one message: after MAINPID=, ours are refused
             with contextlib.suppress(OSError):
                 ours.setblocking(True)
@@ -260,7 +262,7 @@ class Swap:
             if ours is not None:
                 ours.close()
             new = new or self._pending
-            if new is not None and new is not self.abandoned:
+            if new is not None and new is not self.abandoned and new is not self.handed:
                 os.close(new.pidfd)
             self._pending = None
 
@@ -329,12 +331,14 @@ class Swap:
     def _failed(self, asked: Callable[[], float], new: _Process | None, error: str, stopping: bool = False) -> None:
         """stopping: this process is stopping, and the new one may hold clients' connections
         already: it drains as well, instead of being killed."""
+        then = "stops" if stopping else "serves on"
         if new is not None and not new.exited():
-            with contextlib.suppress(OSError):  # it may exit meanwhile
-                signal.pidfd_send_signal(new.pidfd, signal.SIGTERM if stopping else signal.SIGKILL)
             if stopping:
+                new.terminate()
                 self.abandoned = new
-        then = "stops, the new one drains too" if stopping else "serves on"
+                then = "stops, the new one drains too"
+            else:
+                new.kill()
         notify(f"READY=1\nSTATUS=reload failed, the old process {then}: {error}")
         log.error("reload failed, pid %d %s: %s", os.getpid(), then, error)
         self._write(HandoverResult(old=os.getpid(), new=os.getpid(), ok=False, asked=asked(), error=error))
@@ -385,6 +389,15 @@ class _Process:
         if not (line.startswith(b"pid ") and word.isdigit()):
             raise ProcessLookupError(f"the intermediate process said {line[:40]!r}, not a pid")
         return cls(int(word))
+
+    def terminate(self) -> None:
+        """SIGTERM: it drains and exits. Through the pidfd: never another process."""
+        with contextlib.suppress(OSError):  # it may have exited meanwhile
+            signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
     def exited(self) -> bool:
         poller = select.poll()  # not select(): it cannot take an fd over 1023

@@ -91,6 +91,9 @@ class WorkerServer(uvicorn.Server):
         self.asked_at = 0.0  # CLOCK_MONOTONIC of the last SIGHUP
         self.handed_to: int | None = None  # the new process's pid: it is the instance now, this one only drains
         self.main = True  # False: started by a reload that failed, never the main process
+        self.exit_at_first_tick = False  # told to exit during startup: see startup()
+        self.cut_short = False  # a second SIGINT: no more waiting for anything
+        self.stopped_while_handing_over = False
         self.recycle = recycle or Recycle()
         self.recycling_swap = False  # the swap asked for is a recycle, not a reload
         self.swapping = False  # from the swap's start to its outcome
@@ -108,6 +111,8 @@ class WorkerServer(uvicorn.Server):
         # started after it, on every open connection, in flight or not, on every uvicorn
         # version, at no cost to each request. No await in between: nothing can read the
         # new list before it is replaced.
+        if self.exit_at_first_tick:
+            self.should_exit = True
         should_exit = await super().on_tick(counter)
         fresh = self.server_state.default_headers
         if fresh is not self.default_headers:
@@ -128,16 +133,16 @@ class WorkerServer(uvicorn.Server):
         # again after serve(), killing the process instead of exit 0, so it is not
         # recorded. A second SIGINT (Ctrl-C by hand) skips the rest of the drain.
         if sig == signal.SIGINT and self.should_exit:
-            self.force_exit = True
+            self.force_exit = self.cut_short = True
+        if self.swap is not None and self.swap.handed is not None:
+            # Only the main process gets a stop's SIGTERM (KillMode=mixed): this one got
+            # it as it handed over, before systemd read MAINPID=. shutdown() passes it on.
+            self.stopped_while_handing_over = True
         self.should_exit = True
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await super().serve(sockets=sockets)
-            if self.state.balancer is not None and not self.state.draining:
-                # uvicorn before 0.3x skips shutdown() when should_exit came during
-                # startup: what the Balancer accepted by then is drained all the same.
-                await self.shutdown(sockets=sockets)
         finally:
             for task in (self.pinger, self.watcher, self.swapper, self.recycler):
                 if task is not None:
@@ -148,6 +153,16 @@ class WorkerServer(uvicorn.Server):
                 self.state.balancer.leave()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._start(sockets)
+        if self.state.balancer is not None and self.should_exit:
+            # Told to exit once the Balancer accepted (a SIGTERM, or a new process never
+            # made the main one): uvicorn 0.17.6 and 0.32 would skip shutdown() and
+            # close what was accepted. main_loop()'s first tick ends it instead, so the
+            # drain runs on every version, under uvicorn's signal handlers.
+            self.should_exit = False
+            self.exit_at_first_tick = True
+
+    async def _start(self, sockets: list[socket.socket] | None) -> None:
         # uvicorn's startup runs the ASGI lifespan startup, then listens on the sockets it
         # is given: none, the Balancer accepts. `started` is set only when both succeeded.
         self.listen_sockets = sockets or []
@@ -312,7 +327,11 @@ class WorkerServer(uvicorn.Server):
         await uvicorn_shutdown
         if self.main and self.handed_to is None:
             await outlive([self.successor and self.successor.predecessor, self.swap and self.swap.abandoned],
-                          others_by, lambda: self.force_exit)
+                          others_by, lambda: self.cut_short)
+        elif self.stopped_while_handing_over and self.swap is not None and self.swap.handed is not None:
+            # Whichever process systemd now takes for the main one, the stop reaches the new one.
+            self.swap.handed.terminate()
+            await outlive([self.swap.handed], others_by, lambda: self.cut_short)
 
     async def _until_quiet(self) -> None:
         # Polled, as uvicorn's own waits are: requests start and end in other tasks. A

@@ -324,3 +324,26 @@ def test_a_process_stopped_while_its_new_one_starts_takes_that_one_down_too(inst
     log = log_so_far(proc)
     assert "stops, the new one drains too: the old process was stopped during the reload" in log, log
     assert all(gone_or_zombie(pid) for pid in new), log
+
+
+def test_a_stop_that_reaches_the_old_process_as_it_hands_over_reaches_the_new_one(instance):
+    # systemd sends a stop's SIGTERM to the main process only (KillMode=mixed). One that
+    # came just before systemd read MAINPID= reached the old process, and the new one
+    # served on (until TimeoutStopSec, if systemd took it as main; killed with its
+    # clients when the old one exited, if not). The old process passes it on and waits
+    # for it; the new one, main or not, waits for the old one too, so the stop takes up
+    # to the drain timeout in this race (3 s here, against 32 s per default), failing nothing.
+    proc, notes, port, runtime = instance("lifecycle:app", args=("--drain-timeout", "3"))
+    old = proc.pid
+    slow = threading.Thread(target=ask, args=(HTTPConnection("127.0.0.1", port, timeout=15), "/sleep?s=3"))
+    slow.start()  # keeps the old process draining after the handover
+    time.sleep(0.3)
+    assert waiter(runtime, old).returncode == 0
+    new = int(first(notes, "MAINPID=")[1][0].removeprefix("MAINPID="))
+    os.kill(old, signal.SIGTERM)  # as that stop would
+    assert proc.wait(15) == 0
+    slow.join(15)
+    deadline = time.monotonic() + 10
+    while not gone_or_zombie(new) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone_or_zombie(new), log_so_far(proc)
