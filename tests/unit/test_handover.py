@@ -237,6 +237,15 @@ def gone_or_zombie(pid: int) -> bool:
         return True
 
 
+def slow_to_swap(instance, tmp_path: Path):
+    """An instance whose next processes take 1.5 s more to start than its first."""
+    (tmp_path / "slowlater.py").write_text(SLOW_LATER)
+    mark = tmp_path / "slow"
+    started = instance("slowlater:app", {"SLOW_MARK": str(mark)})
+    mark.write_text("")
+    return started
+
+
 def ask_until_told_to_close(conn: HTTPConnection, replies: list, errors: list[Exception]) -> None:
     """A keep-alive client that asks until a response says `Connection: close`."""
     while True:
@@ -255,11 +264,8 @@ def test_a_process_stopped_mid_swap_lets_the_new_one_drain_what_it_accepted(inst
     # accepting: that process was killed, with its clients' connections (a roll that
     # restarted an instance recycling itself, CI on e0c0600: 11 and 31 requests failed).
     # It drains them now, and the old process exits only once it has.
-    (tmp_path / "slowlater.py").write_text(SLOW_LATER)
-    mark = tmp_path / "slow"
-    proc, notes, port, runtime = instance("slowlater:app", {"SLOW_MARK": str(mark)})
+    proc, notes, port, runtime = slow_to_swap(instance, tmp_path)
     old = proc.pid
-    mark.write_text("")  # the new process takes 1.5 s more to start
     os.kill(old, signal.SIGHUP)  # the swap begins
     blocked = []
     blocker = threading.Thread(target=lambda: blocked.append(
@@ -308,11 +314,8 @@ def test_a_process_stopped_while_its_new_one_starts_takes_that_one_down_too(inst
     # The stop cancels the swap while it waits for "ready": the new process, not yet
     # known as the swap's outcome, was left running, to accept connections with nobody
     # to hand it the instance (and systemd's kill at the old one's exit ahead of it).
-    (tmp_path / "slowlater.py").write_text(SLOW_LATER)
-    mark = tmp_path / "slow"
-    proc, notes, port, runtime = instance("slowlater:app", {"SLOW_MARK": str(mark)})
+    proc, notes, port, runtime = slow_to_swap(instance, tmp_path)
     old = proc.pid
-    mark.write_text("")  # the new process takes 1.5 s more to start
     os.kill(old, signal.SIGHUP)
     deadline = time.monotonic() + 10
     while not (new := worker_pids("slowlater:app") - {old}) and time.monotonic() < deadline:
