@@ -252,16 +252,15 @@ class Swap:
             return new.pid
         except asyncio.CancelledError:  # this process is stopping (SIGTERM) mid-swap
             # The new process may accept by now (it does before it says "ready").
-            new = new or self._pending
-            self._failed(asked, new, "the old process was stopped during the reload", stopping=True)
+            self._failed(asked, self._pending, "the old process was stopped during the reload", stopping=True)
             raise
         except Exception as err:  # noqa: BLE001 - any failure: the old process must serve on
             log.exception("reload failed")
-            return self._failed(asked, new or self._pending, f"cannot start a new process: {err}")
+            return self._failed(asked, self._pending, f"cannot start a new process: {err}")
         finally:
             if ours is not None:
                 ours.close()
-            new = new or self._pending
+            new = self._pending  # what _until_ready() returned, or knew when interrupted
             if new is not None and new is not self.abandoned and new is not self.handed:
                 os.close(new.pidfd)
             self._pending = None

@@ -89,7 +89,6 @@ class WorkerServer(uvicorn.Server):
         self.recycler: asyncio.Task[None] | None = None
         self.swap_asked = asyncio.Event()
         self.asked_at = 0.0  # CLOCK_MONOTONIC of the last SIGHUP
-        self.handed_to: int | None = None  # the new process's pid: it is the instance now, this one only drains
         self.main = True  # False: started by a reload that failed, never the main process
         self.exit_at_first_tick = False  # told to exit during startup: see startup()
         self.cut_short = False  # a second SIGINT: no more waiting for anything
@@ -134,7 +133,7 @@ class WorkerServer(uvicorn.Server):
         # recorded. A second SIGINT (Ctrl-C by hand) skips the rest of the drain.
         if sig == signal.SIGINT and self.should_exit:
             self.force_exit = self.cut_short = True
-        if self.swap is not None and self.swap.handed is not None:
+        if self.handed_to is not None:
             # Only the main process gets a stop's SIGTERM (KillMode=mixed): this one got
             # it as it handed over, before systemd read MAINPID=. shutdown() passes it on.
             self.stopped_while_handing_over = True
@@ -204,6 +203,14 @@ class WorkerServer(uvicorn.Server):
             self._asked_to_swap()
         EARLY_SIGHUP.clear()
 
+    @property
+    def handed_to(self) -> int | None:
+        """The new process's pid once this one sent MAINPID= for it: it is the instance
+        now, this one only drains. Read from the swap, which knows it first (a signal
+        handler may run between MAINPID= and the swap's return)."""
+        handed = self.swap.handed if self.swap is not None else None
+        return handed.pid if handed is not None else None
+
     def _asked_to_swap(self) -> None:
         # Run by the loop (add_signal_handler), not in the signal's context: only flags.
         self.asked_at = time.monotonic()
@@ -231,7 +238,6 @@ class WorkerServer(uvicorn.Server):
                 self.swapping = False
             self.swap_asked.clear()  # a SIGHUP during the swap: its outcome answered it
             if new is not None:
-                self.handed_to = new
                 self.should_exit = True  # main_loop() returns, shutdown() drains
                 continue
             if recycling:
