@@ -49,6 +49,7 @@ class Siblings:
     # Connections accepted so far, by pid, of those that count them and are not full (a
     # full one's few accepts are no share for the others to meet).
     accepted: dict[int, int] = field(default_factory=dict)
+    pids: frozenset[int] = frozenset()  # of those counted above: who they are, to see one come or go
 
 
 class Board:
@@ -97,17 +98,19 @@ class Board:
         slots = self._map[_HEADER.size:_HEADER.size + high * _SLOT.size]
         count = connections = accepting = draining = 0
         accepted = {}
+        pids = set()
         for pid, open_connections, _, flags, beat, accepted_by_it in _SLOT.iter_unpack(slots):
             if pid and pid != self.pid and flags & DRAINING and 0 <= now - beat < STALE:
                 draining += 1
             elif pid and pid != self.pid and 0 <= now - beat < STALE:
                 count += 1
+                pids.add(pid)
                 connections += open_connections
                 accepting += not flags & (FULL | OVER_SHARE)
                 if flags & COUNTS and not flags & FULL:
                     accepted[pid] = accepted_by_it
         return Siblings(count=count, connections=connections, accepting=accepting, draining=draining,
-                        accepted=accepted)
+                        accepted=accepted, pids=frozenset(pids))
 
     def leave(self) -> None:
         """Clears this instance's slot (at exit): siblings stop counting it at once."""

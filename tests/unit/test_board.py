@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from unitgen_worker import balance as balance_module
 from unitgen_worker import board as board_module
 from unitgen_worker.balance import FRESH, Balancer
 from unitgen_worker.board import DRAINING, FULL, OVER_SHARE, Board, Siblings
@@ -23,13 +24,16 @@ def test_siblings_see_each_other_and_skip_stale_and_draining_slots(tmp_path, mon
     me.publish(connections=9, in_flight=1)
     other.publish(connections=4, in_flight=0)
     third.publish(connections=7, in_flight=2)
-    assert me.siblings() == Siblings(count=2, connections=11, accepting=2, accepted={other.pid: 0, third.pid: 0})
+    assert me.siblings() == Siblings(count=2, connections=11, accepting=2, accepted={other.pid: 0, third.pid: 0},
+                                    pids=frozenset({other.pid, third.pid}))
     other.publish(connections=4, in_flight=0, flags=FULL)
     third.publish(connections=7, in_flight=2, flags=OVER_SHARE)
     # Alive, but not accepting.
-    assert me.siblings() == Siblings(count=2, connections=11, accepting=0, accepted={third.pid: 0})
+    assert me.siblings() == Siblings(count=2, connections=11, accepting=0, accepted={third.pid: 0},
+                                    pids=frozenset({other.pid, third.pid}))
     third.publish(connections=7, in_flight=2, flags=DRAINING)
-    assert me.siblings() == Siblings(count=1, connections=4, accepting=0, draining=1, accepted={})
+    assert me.siblings() == Siblings(count=1, connections=4, accepting=0, draining=1, accepted={},
+                                    pids=frozenset({other.pid}))
     now = time.monotonic()
     monkeypatch.setattr(board_module.time, "monotonic", lambda: now + board_module.STALE + 0.1)
     assert me.siblings() == Siblings()  # a heartbeat that stopped: dead, or its loop is stuck
@@ -48,9 +52,11 @@ def test_accepted_counts_of_siblings_that_count_them_and_are_not_full(tmp_path):
     other.publish(connections=2, in_flight=0, accepted=900)
     third.publish(connections=2, in_flight=0, accepted=1100)
     other.count_accepted(950)  # between heartbeats
-    assert me.siblings() == Siblings(count=2, connections=4, accepting=2, accepted={other.pid: 950, third.pid: 1100})
+    assert me.siblings() == Siblings(count=2, connections=4, accepting=2, accepted={other.pid: 950, third.pid: 1100},
+                                    pids=frozenset({other.pid, third.pid}))
     third.publish(connections=2, in_flight=2, flags=FULL, accepted=1100)
-    assert me.siblings() == Siblings(count=2, connections=4, accepting=1, accepted={other.pid: 950})
+    assert me.siblings() == Siblings(count=2, connections=4, accepting=1, accepted={other.pid: 950},
+                                    pids=frozenset({other.pid, third.pid}))
     # A worker from before the count (during a roll) writes zeros there and no COUNTS flag.
     board_module._SLOT.pack_into(third._map, third._offset, third.pid, 2, 0, 0, time.monotonic(), 0)
     assert me.siblings().accepted == {other.pid: 950}
@@ -136,7 +142,8 @@ def test_a_claim_lost_to_a_sibling_starting_together_is_made_again(tmp_path):
     far.publish(connections=3, in_flight=0)
     assert me.siblings() == Siblings()
     far.claim()
-    assert me.siblings() == Siblings(count=1, connections=3, accepting=1, accepted={far.pid: 0})
+    assert me.siblings() == Siblings(count=1, connections=3, accepting=1, accepted={far.pid: 0},
+                                    pids=frozenset({far.pid}))
 
 
 def test_the_board_refuses_a_link_and_instances_without_a_slot(tmp_path):
@@ -213,3 +220,48 @@ def test_time_waiting_for_the_client_is_not_the_apps():
     time.sleep(0.35)  # the first chunk handed over, the client slow to take it
     assert hung.stuck() == 0 and not hung.check()
     assert list(chunks) == [b"b"] and watch.busy() == 0
+
+
+def test_no_client_is_asked_to_move_until_a_sibling_that_came_has_settled(tmp_path, monkeypatch):
+    """An instance swapping shows on the board with no connection while its old process's
+    clients are about to reconnect: its sibling must not send half its own clients after
+    them (a reload of 1 of 2 under 64 keep-alive connections: 67 reconnects for 31)."""
+    path = tmp_path / "board"
+    sibling = Board(path, 1)
+    monkeypatch.setattr(balance_module, "TICK", 0.01)
+
+    class Http:  # what uvicorn's HTTP protocol offers the Balancer: the app it runs next
+        app = None
+
+    async def scenario():
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            connections = {Http() for _ in range(32)}
+            me = Balancer([listener], asyncio.Protocol, connections, board=Board(path, 0), capacity=0,
+                          busy=lambda: 0, rebalance=True, backlog=16, http_protocol=Http)
+
+            def keep_beating(pid, connections):
+                sibling.pid = pid
+                sibling.publish(connections=connections, in_flight=0)
+            keep_beating(os.getpid() + 1, 32)  # the old process of instance 1, as many as this one
+            beat = asyncio.get_running_loop().create_task(beat_forever(lambda: keep_beating(sibling.pid, 32)))
+            await me.start()
+            await asyncio.sleep(balance_module.SETTLE + 0.1)
+            assert not me._moving  # even: nobody moves
+            sibling.pid = os.getpid() + 2  # its new process: none of the old one's clients yet
+            beat.cancel()
+            beat = asyncio.get_running_loop().create_task(beat_forever(lambda: keep_beating(sibling.pid, 0)))
+            await asyncio.sleep(balance_module.SETTLE / 2)
+            assert not me._moving and not me._servers  # over its share: accepting none, moving none
+            await asyncio.sleep(balance_module.SETTLE / 2 + 0.1)
+            # Settled, and the clients did not come back to instance 1: now some move there.
+            assert len(me._moving) == 32 - 17
+            beat.cancel()
+            await me.stop()
+            me.leave()
+
+    async def beat_forever(publish):
+        while True:
+            publish()
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
