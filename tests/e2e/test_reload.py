@@ -78,7 +78,13 @@ def test_roll_swaps_every_instance_and_keeps_p99(box, deploy, instances, close):
     # doubles for 1-3 s around each swap, while the old process drains and exits (a
     # SIGHUP alone, no systemd job: 1.7-2.9x in its slices; a sandboxed systemd-run of
     # /bin/true: none); a swap costs 0.29 s of CPU in the worker and 0.5 s with the
-    # reload job. Starting the new process at nice 10 spread it out, no better. A guard:
+    # reload job. Starting the new process at nice 10 spread it out, no better; nor did
+    # pinning each instance to its core (CPUAffinity=%i: median 1.49x against 1.41x in 5
+    # rounds of reload-or-restart), nor halving the clients that reconnect (SETTLE in
+    # balance.py). 0.5 s of CPU burnt beside the instances costs 1.04-1.18x. A fresh
+    # process, swapped in or restarted, spent 1.3-2.3x its sibling's CPU per request for
+    # seconds (trixie; from /proc and the counters), while the steady p99 itself moves
+    # from 5.4 to 11.5 ms between runs of 6 s. A guard:
     assert result.p99_ms <= (1.5 if close else 2.5) * reference, (steady.output, steady_after.output, result.output)
 
 
