@@ -124,9 +124,10 @@ class Container:
                 raise TestbedError(f"{self.suite} container did not boot; see {self.console}")
             self.pid1 = self._find_init()
             time.sleep(0.1)
-        # PID 1 exists before it can answer: ask until it says how the boot went.
+        # PID 1 exists before it can answer: ask until it says how the boot went. Before
+        # its private socket is up, systemctl says "offline" (CI once, booting two at once).
         state = ""
-        while not state and time.monotonic() < deadline:
+        while state in ("", "offline") and time.monotonic() < deadline:
             state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).stdout.strip()
             time.sleep(0.1)
         if state not in ("running", "degraded"):

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
+from unitgen_worker.balance import SETTLE
 from unitgen_worker.contract import Counters
 from unitgen_worker.lifecycle import FORCE_AFTER, QUIET
 
@@ -496,7 +497,8 @@ def test_an_instance_over_its_share_asks_as_many_keepalive_clients_as_it_holds_o
     beat = threading.Thread(target=heartbeat, daemon=True)
     beat.start()
     try:
-        time.sleep(0.5)  # a few ticks
+        # A few ticks once the sibling's arrival has settled (no client moves before).
+        time.sleep(SETTLE + 1.0)
         # 8 against 0: the mean is 4, the limit 4 + max(1, 5%): 3 asked to move, once each.
         told = [ask(client, "/").connection for client in clients]
         assert told.count("close") == 3, told

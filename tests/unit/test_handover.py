@@ -246,6 +246,17 @@ def slow_to_swap(instance, tmp_path: Path):
     return started
 
 
+def loop_sleeping(pid: int, timeout: float = 10) -> None:
+    """Waits until the process's event loop thread sleeps in /block (time.sleep():
+    clock_nanosleep or nanosleep, by /proc/PID/syscall), not in epoll_wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("35", "230"):
+            return
+        time.sleep(0.01)
+    pytest.fail(f"pid {pid} never blocked its loop")
+
+
 def ask_until_told_to_close(conn: HTTPConnection, replies: list, errors: list[Exception]) -> None:
     """A keep-alive client that asks until a response says `Connection: close`."""
     while True:
@@ -271,7 +282,7 @@ def test_a_process_stopped_mid_swap_lets_the_new_one_drain_what_it_accepted(inst
     blocker = threading.Thread(target=lambda: blocked.append(
         ask(HTTPConnection("127.0.0.1", port, timeout=30), "/block?s=6")))
     blocker.start()  # the old process's loop stops for 6 s: it cannot read "ready" before
-    time.sleep(0.5)
+    loop_sleeping(old)  # not a fixed wait: in a busy container 0.5 s was not always enough
     # New connections wait in the socket's queue until the new process accepts them.
     new = ask(HTTPConnection("127.0.0.1", port, timeout=20), "/").pid
     assert new != old
