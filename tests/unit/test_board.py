@@ -228,28 +228,31 @@ def test_no_client_is_asked_to_move_until_a_sibling_that_came_has_settled(tmp_pa
     them (a reload of 1 of 2 under 64 keep-alive connections: 67 reconnects for 31)."""
     path = tmp_path / "board"
     sibling = Board(path, 1)
+    # Instance 1's process and its open connections, published by a heartbeat.
+    holder = {"pid": os.getpid() + 1, "connections": 32}  # its old process, as many as this one
     monkeypatch.setattr(balance_module, "TICK", 0.01)
 
     class Http:  # what uvicorn's HTTP protocol offers the Balancer: the app it runs next
         app = None
+
+    async def heartbeat():
+        while True:
+            sibling.pid = holder["pid"]
+            sibling.publish(connections=holder["connections"], in_flight=0)
+            await asyncio.sleep(0.01)
 
     async def scenario():
         with socket.create_server(("127.0.0.1", 0)) as listener:
             connections = {Http() for _ in range(32)}
             me = Balancer([listener], asyncio.Protocol, connections, board=Board(path, 0), capacity=0,
                           busy=lambda: 0, rebalance=True, backlog=16, http_protocol=Http)
-
-            def keep_beating(pid, connections):
-                sibling.pid = pid
-                sibling.publish(connections=connections, in_flight=0)
-            keep_beating(os.getpid() + 1, 32)  # the old process of instance 1, as many as this one
-            beat = asyncio.get_running_loop().create_task(beat_forever(lambda: keep_beating(sibling.pid, 32)))
+            beat = asyncio.get_running_loop().create_task(heartbeat())
+            await asyncio.sleep(0.02)
             await me.start()
             await asyncio.sleep(balance_module.SETTLE + 0.1)
             assert not me._moving  # even: nobody moves
-            sibling.pid = os.getpid() + 2  # its new process: none of the old one's clients yet
-            beat.cancel()
-            beat = asyncio.get_running_loop().create_task(beat_forever(lambda: keep_beating(sibling.pid, 0)))
+            # Its new process: none of the old one's clients yet.
+            holder.update(pid=os.getpid() + 2, connections=0)
             await asyncio.sleep(balance_module.SETTLE / 2)
             assert not me._moving and not me._servers  # over its share: accepting none, moving none
             await asyncio.sleep(balance_module.SETTLE / 2 + 0.1)
@@ -258,10 +261,5 @@ def test_no_client_is_asked_to_move_until_a_sibling_that_came_has_settled(tmp_pa
             beat.cancel()
             await me.stop()
             me.leave()
-
-    async def beat_forever(publish):
-        while True:
-            publish()
-            await asyncio.sleep(0.01)
 
     asyncio.run(scenario())
