@@ -263,3 +263,51 @@ def test_no_client_is_asked_to_move_until_a_sibling_that_came_has_settled(tmp_pa
             me.leave()
 
     asyncio.run(scenario())
+
+
+def test_a_client_told_to_move_counts_as_this_instances_until_a_sibling_can_show_it(tmp_path, monkeypatch):
+    """8 connections against a sibling's 0: 3 are over the share. The first of them to
+    leave must not make the instance ask a 4th before the board can show where it went
+    (CI: 4 told to close where 3 were over)."""
+    path = tmp_path / "board"
+    sibling = Board(path, 1)
+    sibling.pid = os.getpid() + 1  # another process, as the board sees it
+    for name, value in (("TICK", 0.01), ("SETTLE", 0.05), ("TRANSIT", 0.3)):
+        monkeypatch.setattr(balance_module, name, value)
+
+    async def answer(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    class Http:  # what uvicorn's HTTP protocol offers the Balancer: the app it runs next
+        app = staticmethod(answer)
+
+    async def scenario():
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            connections = {Http() for _ in range(8)}
+            me = Balancer([listener], asyncio.Protocol, connections, board=Board(path, 0), capacity=0,
+                          busy=lambda: 0, rebalance=True, backlog=16, http_protocol=Http)
+
+            def asked() -> list[Http]:
+                return [connection for connection in connections if connection in me._moving]
+
+            sibling.publish(connections=0, in_flight=0)
+            await me.start()
+            for _ in range(20):  # settled, and the ticks went on (the sibling's heartbeat too)
+                sibling.publish(connections=0, in_flight=0)
+                await asyncio.sleep(0.01)
+            assert len(asked()) == 3  # mean 4, limit 4 + 1
+            told, headers = asked()[0], []
+            await told.app({"type": "http"}, None, lambda message: asyncio.sleep(0, headers.append(message)))
+            assert headers[0]["headers"] == [(b"connection", b"close")]
+            connections.discard(told)  # uvicorn closes it; the sibling has yet to publish it
+            for _ in range(10):
+                sibling.publish(connections=0, in_flight=0)
+                await asyncio.sleep(0.01)
+            assert len(asked()) == 2  # still 8 here for the share: nobody else asked
+            await asyncio.sleep(balance_module.TRANSIT)
+            # Never showed at the sibling: 7 against 0 is 1 over now (limit 3.5 + 1).
+            assert len(asked()) == 3
+            await me.stop()
+            me.leave()
+
+    asyncio.run(scenario())
