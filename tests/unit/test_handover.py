@@ -277,15 +277,21 @@ def test_a_process_stopped_mid_swap_lets_the_new_one_drain_what_it_accepted(inst
     # It drains them now, and the old process exits only once it has.
     proc, notes, port, runtime = slow_to_swap(instance, tmp_path)
     old = proc.pid
-    os.kill(old, signal.SIGHUP)  # the swap begins
-    blocked = []
+    os.kill(old, signal.SIGHUP)
+    # The swap begins as the loop handles the signal: blocked before, it would start the
+    # new process only once released (seen on a busy CI host: it served the request
+    # below itself).
+    started = new_process_of(old, "slowlater:app")
+    blocked, release = [], tmp_path / "release"
     blocker = threading.Thread(target=lambda: blocked.append(
-        ask(HTTPConnection("127.0.0.1", port, timeout=30), "/block?s=6")))
-    blocker.start()  # the old process's loop stops for 6 s: it cannot read "ready" before
+        ask(HTTPConnection("127.0.0.1", port, timeout=60), f"/block?s=50&until={release}")))
+    # The old process's loop stops until the test releases it, after the stop: it cannot
+    # read "ready" before. Not a fixed time, which a busy host may outlast.
+    blocker.start()
     loop_sleeping(old)  # not a fixed wait: in a busy container 0.5 s was not always enough
     # New connections wait in the socket's queue until the new process accepts them.
-    new = ask(HTTPConnection("127.0.0.1", port, timeout=20), "/").pid
-    assert new != old
+    new = ask(HTTPConnection("127.0.0.1", port, timeout=40), "/").pid
+    assert new == started
     replies, errors = [], []
     clients = [threading.Thread(target=ask_until_told_to_close,
                                 args=(HTTPConnection("127.0.0.1", port, timeout=15), replies, errors))
@@ -294,6 +300,8 @@ def test_a_process_stopped_mid_swap_lets_the_new_one_drain_what_it_accepted(inst
         client.start()
     time.sleep(0.5)
     os.kill(old, signal.SIGTERM)  # as systemd stops the unit: to the main process only
+    time.sleep(0.2)
+    release.write_text("")
     assert proc.wait(30) == 0
     for client in (blocker, *clients):
         client.join(15)
@@ -321,6 +329,15 @@ def worker_pids(app: str) -> set[int]:
     return pids
 
 
+def new_process_of(old: int, app: str, timeout: float = 10) -> int:
+    """The process a swap of old started (once the old one's loop has handled SIGHUP)."""
+    deadline = time.monotonic() + timeout
+    while not (new := worker_pids(app) - {old}) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert new, "no new process started"
+    return new.pop()
+
+
 def test_a_process_stopped_while_its_new_one_starts_takes_that_one_down_too(instance, tmp_path):
     # The stop cancels the swap while it waits for "ready": the new process, not yet
     # known as the swap's outcome, was left running, to accept connections with nobody
@@ -328,16 +345,13 @@ def test_a_process_stopped_while_its_new_one_starts_takes_that_one_down_too(inst
     proc, notes, port, runtime = slow_to_swap(instance, tmp_path)
     old = proc.pid
     os.kill(old, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while not (new := worker_pids("slowlater:app") - {old}) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert new, "no new process started"
+    new = new_process_of(old, "slowlater:app")
     time.sleep(0.3)  # it imports the app, or waits in its startup
     os.kill(old, signal.SIGTERM)
     assert proc.wait(30) == 0
     log = log_so_far(proc)
     assert "stops, the new one drains too: the old process was stopped during the reload" in log, log
-    assert all(gone_or_zombie(pid) for pid in new), log
+    assert gone_or_zombie(new), log
 
 
 def test_a_stop_that_reaches_the_old_process_as_it_hands_over_reaches_the_new_one(instance):

@@ -2,7 +2,8 @@
 
 /            200 with the pid
 /sleep?s=N   answers after N seconds (the loop keeps running)
-/block?s=N   blocks the event loop for N seconds (the watchdog's case)
+/block?s=N   blocks the event loop for N seconds (the watchdog's case); &until=PATH: until
+             PATH exists, N seconds at most
 /forever     a response that streams a line every 0.2 s and never ends
 /leak?kb=N   keeps N KiB more for good (a leak); answers with the process's resident bytes
 /ws          a WebSocket: sends the pid, then echoes until the client or server closes
@@ -47,8 +48,11 @@ async def websocket(receive, send):
         await send({"type": "websocket.send", "text": message.get("text") or ""})
 
 
-def block(seconds):
-    time.sleep(seconds)  # on the event loop thread, on purpose
+def block(seconds, until=None):
+    # On the event loop thread, on purpose.
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and os.path.exists(until)):
+        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
 
 async def app(scope, receive, send):
@@ -83,11 +87,12 @@ async def app(scope, receive, send):
         while True:
             await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
             await asyncio.sleep(0.2)
-    seconds = float(parse_qs(scope["query_string"].decode()).get("s", ["0"])[0])
+    query = parse_qs(scope["query_string"].decode())
+    seconds = float(query.get("s", ["0"])[0])
     if scope["path"] == "/sleep":
         await asyncio.sleep(seconds)
     elif scope["path"] == "/block":
-        block(seconds)
+        block(seconds, query.get("until", [None])[0])
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/plain"), (b"x-worker-pid", str(os.getpid()).encode()),
         (b"x-instance", INSTANCE.encode())]})
