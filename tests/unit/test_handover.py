@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -246,12 +247,19 @@ def slow_to_swap(instance, tmp_path: Path):
     return started
 
 
+# nanosleep and clock_nanosleep, as /proc/PID/syscall numbers them on each architecture.
+SLEEP_SYSCALLS = {"x86_64": ("35", "230"), "aarch64": ("101", "115")}
+
+
 def loop_sleeping(pid: int, timeout: float = 10) -> None:
     """Waits until the process's event loop thread sleeps in /block (time.sleep():
     clock_nanosleep or nanosleep, by /proc/PID/syscall), not in epoll_wait."""
+    sleeping = SLEEP_SYSCALLS.get(platform.machine())
+    if sleeping is None:
+        pytest.fail(f"no syscall numbers for {platform.machine()} in SLEEP_SYSCALLS")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("35", "230"):
+        if Path(f"/proc/{pid}/syscall").read_text().split()[0] in sleeping:
             return
         time.sleep(0.01)
     pytest.fail(f"pid {pid} never blocked its loop")
