@@ -337,10 +337,22 @@ def worker_pids(app: str) -> set[int]:
     return pids
 
 
+def parent_of(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
+
+
 def new_process_of(old: int, app: str, timeout: float = 10) -> int:
-    """The process a swap of old started (once the old one's loop has handled SIGHUP)."""
+    """The process a swap of old started (once the old one's loop has handled SIGHUP).
+    Not a child of old: the intermediate old forks shows old's command line until it
+    execs (CI in a bookworm container took that pid for the new process); the new one
+    is the intermediate's child."""
     deadline = time.monotonic() + timeout
-    while not (new := worker_pids(app) - {old}) and time.monotonic() < deadline:
+    while not (new := {pid for pid in worker_pids(app) - {old} if parent_of(pid) not in (old, None)}) \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     assert new, "no new process started"
     return new.pop()
